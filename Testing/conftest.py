@@ -1,0 +1,40 @@
+"""Shared fixtures: paths to the real shared data and the bundled sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO_ROOT / "Resources" / "Sample"
+
+
+def _shared_data_dir() -> Path:
+    override = os.environ.get("DROPE_SHARED_DATA")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data_dir()
+REAL_BRAINS = [
+    "mappertrac_sub-011591",
+    "siemens_xa30_b2500",
+    "philips_achieva_32dir",
+    "canon_oblique_all20d",
+    "canon_ortho_same_session",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only shared data folder (../shared/data beside the repository, or $DROPE_SHARED_DATA)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}; set DROPE_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The small DWI bundled in Resources/Sample (Canon oblique, BSD-2-Clause)."""
+    return SAMPLE_DIR
