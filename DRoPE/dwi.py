@@ -65,6 +65,7 @@ class DWI:
         grid: the on-disk geometry, so outputs can be written back on the input's own grid.
         source: path of the file read (for messages).
         warnings: odd-but-legal findings made while reading (also emitted as DWIWarning).
+        inputs: every file read to build it (image, b-values, b-vectors); writers never overwrite them.
     """
 
     data: np.ndarray
@@ -73,6 +74,7 @@ class DWI:
     grid: InputGrid
     source: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    inputs: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -37,12 +37,13 @@ def _where(source: str | None) -> str:
 def cluster_shells(bvals: np.ndarray, tolerance: float = SHELL_TOLERANCE) -> np.ndarray:
     """Round each b-value to its shell. bvals: (N,) -> (N,) shell values.
 
-    Sorted b-values are grouped while consecutive gaps are <= ``tolerance``; a group's shell value is its
-    median rounded to 10 s/mm^2. Groups below ``B0_THRESHOLD`` become exactly 0.
+    b-values below ``B0_THRESHOLD`` become exactly 0. The others, sorted, are grouped while consecutive gaps
+    are <= ``tolerance``; a group's shell value is its median rounded to 10 s/mm^2. Groups never span the b0
+    threshold, so a diffusion-weighted volume never gets shell 0.
     """
     bvals = np.asarray(bvals, dtype=np.float64)
     shells = np.zeros_like(bvals)
-    order = np.argsort(bvals, kind="stable")
+    order = [idx for idx in np.argsort(bvals, kind="stable") if bvals[idx] >= B0_THRESHOLD]
     groups: list[list[int]] = []
     for idx in order:
         if groups and bvals[idx] - bvals[groups[-1][-1]] <= tolerance:
@@ -50,13 +51,11 @@ def cluster_shells(bvals: np.ndarray, tolerance: float = SHELL_TOLERANCE) -> np.
         else:
             groups.append([idx])
     for group in groups:
-        value = float(np.median(bvals[group]))
-        shells[group] = 0.0 if value < B0_THRESHOLD else np.round(value, -1)
-    shells[bvals < B0_THRESHOLD] = 0.0
+        shells[group] = np.round(float(np.median(bvals[group])), -1)
     return shells
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GradientTable:
     """A validated diffusion gradient table.
 
