@@ -1,0 +1,1 @@
+# Stub of Slicer's extension packaging: nothing to package without Slicer.
