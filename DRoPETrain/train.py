@@ -299,7 +299,7 @@ def _train(args, dist) -> int:
             return 0
 
     if dist.is_main:
-        extra = {"training": {"config": config.to_dict(), "epochs": state.epoch, "global_step": state.global_step,
+        extra = {"slab": config.data.slab, "training": {"config": config.to_dict(), "epochs": state.epoch, "global_step": state.global_step,
                               "final_loss": state.history[-1]["loss"] if state.history else None,
                               "subjects": len(subjects), "drope_version": DRoPE.__version__}}
         save_model(model, run_dir, extra)
