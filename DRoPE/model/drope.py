@@ -1,0 +1,304 @@
+"""D-RoPE: rotary attention whose angle is a distance in diffusion (q-) space.
+
+Pure functions, no learned parameters. Shape letters: B batch, V volumes, T sequence length (the volumes
+of one diffusion-attention sequence), H heads, E head dim (even), N = E / 2 frequency pairs.
+
+The distance between volumes i and j (b-values b, unit gradients g):
+
+    rho = b / 1000,  alpha_ij = arccos(|g_i . g_j|) in [0, pi/2],  d_ij = sqrt(0.5 (rho_i - rho_j)^2 + alpha_ij^2)
+
+The absolute value makes g and -g the same direction (antipodal symmetry). A b0 volume (b < 50 s/mm^2) has no
+direction, so alpha = 0 for every pair that involves a b0 and d is then the b-value term alone. (The public
+code takes arccos of the dot product with the b0's zero vector and gets pi/2 instead, which makes every b0
+look maximally far from every direction.)
+
+Attention rotates only the keys, pairwise. Channel layout: ADJACENT pairs (k_2n, k_2n+1) form the n-th
+rotation plane, turned by the angle a_ijn = d_ij * theta_n with theta_n = base^(-2n/E), n = 0..N-1:
+
+    (k_2n, k_2n+1) -> (k_2n cos a - k_2n+1 sin a, k_2n sin a + k_2n+1 cos a)
+    score_ij = q_i . R(a_ij) k_j / sqrt(E) = sum_n Re( conj(q~_in) k~_jn exp(i a_ijn) ) / sqrt(E)
+
+with q~_n = q_2n + i q_2n+1 (the pairs read as complex numbers). The same rotation is used in every head; values
+are not rotated.
+
+Memory. Materialising rotated keys for every query (..., H, T, T, E) is what the public code does; it needs
+gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly but in chunks of
+sequences: the rotated keys R(a_ij) k_j of ``chunk`` sequences at a time are formed (the (T, T, N) angle table
+is shared by all sequences and heads that share a protocol), contracted with the queries by a batched
+matrix-vector product and dropped. A custom autograd function recomputes them chunk by chunk in the
+backward pass (dq = dS . R k, dk = dS^T . R^T q), so neither pass keeps anything of size T^2 E per sequence:
+what is kept is q, k and the (..., H, T, T) scores / probabilities, as in plain attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..gradients import B0_THRESHOLD
+
+DEFAULT_BASE = 0.3
+B_SCALE = 1000.0  # s/mm^2: rho = b / B_SCALE
+CHUNK_BYTES = {"cpu": 8 * 2**20}  # target size of one chunk of rotated keys (bytes) per device type (L3-sized on CPU)
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # accelerators: large chunks, few kernel launches
+
+
+class DRoPEShapeError(ValueError):
+    """Inputs of the D-RoPE functions have inconsistent shapes."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distance and angle tables
+# ---------------------------------------------------------------------------------------------------------
+
+
+def drope_distance(bvals, bvecs) -> torch.Tensor:
+    """Pairwise diffusion-space distance d_ij (see the module docstring).
+
+    bvals: (T,) or (B, T) s/mm^2; bvecs: (T, 3) or (B, T, 3), unit length (zero rows allowed for b0).
+    Returns (T, T) or (B, T, T): symmetric, zero diagonal, >= 0; float64 if bvecs is float64 else float32,
+    on the device of bvecs. Computed in float64 (arccos is ill-conditioned near 1). The gradient directions
+    are normalised inside (so slightly non-unit vectors give exact zeros for identical or antipodal
+    directions); pairs involving a b0 (b < 50) use alpha = 0.
+    """
+    bvals = torch.as_tensor(bvals)
+    bvecs = torch.as_tensor(bvecs)
+    if bvecs.shape[-1:] != (3,) or bvals.shape != bvecs.shape[:-1] or bvals.dim() not in (1, 2):
+        raise DRoPEShapeError(
+            f"drope_distance needs bvals (T,) / (B, T) and bvecs (T, 3) / (B, T, 3); "
+            f"got bvals {tuple(bvals.shape)} and bvecs {tuple(bvecs.shape)}"
+        )
+    out_dtype = torch.float64 if bvecs.dtype == torch.float64 else torch.float32
+    b = bvals.to(device=bvecs.device, dtype=torch.float64)
+    g = bvecs.to(torch.float64)
+    is_b0 = b < B0_THRESHOLD
+    norm = g.norm(dim=-1, keepdim=True)
+    g = torch.where(is_b0[..., None] | (norm == 0), torch.zeros_like(g), g / norm.clamp_min(1e-300))
+    cos_angle = (g @ g.transpose(-1, -2)).abs().clamp(0.0, 1.0)
+    alpha = torch.arccos(cos_angle)
+    either_b0 = is_b0[..., :, None] | is_b0[..., None, :]
+    alpha = alpha.masked_fill(either_b0, 0.0)
+    eye = torch.eye(alpha.shape[-1], dtype=torch.bool, device=alpha.device)
+    alpha = alpha.masked_fill(eye, 0.0)
+    rho = b / B_SCALE
+    d = torch.sqrt(0.5 * (rho[..., :, None] - rho[..., None, :]) ** 2 + alpha**2)
+    return d.to(out_dtype)
+
+
+def drope_frequencies(head_dim: int, base: float = DEFAULT_BASE, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """theta_n = base^(-2n / E), n = 0..E/2-1. Returns (N,)."""
+    if head_dim % 2:
+        raise DRoPEShapeError(f"D-RoPE needs an even head dim, got {head_dim}")
+    n = torch.arange(head_dim // 2, dtype=torch.float64, device=device)
+    return (float(base) ** (-2.0 * n / head_dim)).to(dtype)
+
+
+def drope_angles(distance: torch.Tensor, head_dim: int, base: float = DEFAULT_BASE) -> torch.Tensor:
+    """Rotation angles a_ijn = d_ij theta_n. distance (..., T, T) -> (..., T, T, N), in distance's dtype."""
+    theta = drope_frequencies(head_dim, base, dtype=distance.dtype, device=distance.device)
+    return distance[..., None] * theta
+
+
+def rotate_pairs(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs: x (..., E), angle broadcastable to (..., N) -> (..., E).
+
+    (x_2n, x_2n+1) -> (x_2n cos a_n - x_2n+1 sin a_n, x_2n sin a_n + x_2n+1 cos a_n).
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference implementation (materialises every rotated key)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def drope_attention_naive(q, k, v, distance, base: float = DEFAULT_BASE, mask=None, need_weights: bool = False):
+    """Plain twin of ``drope_attention``: rotates every key for every query, (..., H, T, T, E) in memory.
+
+    Same arguments and results as ``drope_attention``; use it only on small inputs (tests, benchmark).
+    """
+    _check(q, k, v, distance, mask)
+    dist = distance.unsqueeze(-3) if distance.dim() > 2 else distance  # (..., 1, T, T): same for every head
+    angle = drope_angles(dist.to(q.dtype), q.shape[-1], base)  # (..., 1, Ti, Tj, N)
+    k_rot = rotate_pairs(k[..., None, :, :], angle)  # (..., H, Ti, Tj, E): key j rotated for query i
+    scores = (q[..., :, None, :] * k_rot).sum(-1) / math.sqrt(q.shape[-1])
+    return _softmax_values(scores, v, mask, need_weights)
+
+
+def _softmax_values(scores, v, mask, need_weights):
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    out = weights @ v
+    return (out, weights) if need_weights else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory-bounded exact implementation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def drope_attention(q, k, v, distance, base: float = DEFAULT_BASE, mask=None, need_weights: bool = False):
+    """Exact D-RoPE attention without materialising rotated keys per sequence.
+
+    q, k, v: (..., H, T, E) with E even.
+    distance: (T, T), or (..., T, T) whose leading dims broadcast (right-aligned) against q's leading dims
+        ``...`` -- NOT against (..., H): the same distance serves every head. Example: q (B, P, H, V, E) with
+        distance (B, 1, V, V) (one protocol per batch element, shared by its P patch positions).
+        No gradient flows into ``distance``.
+    mask: optional bool, broadcastable to (..., H, T, T); True = may attend. Every query row needs at least
+        one True (an all-False row gives NaN, as in plain attention).
+    Returns out (..., H, T, E), and weights (..., H, T, T) (softmax probabilities) when ``need_weights``.
+
+    score_ij = q_i . R(d_ij theta) k_j / sqrt(E) (adjacent-pair layout, module docstring); the result agrees
+    with ``drope_attention_naive`` to rounding. fp16/bf16 inputs are computed in float32 and cast back.
+    With distance == 0 everywhere it equals plain scaled-dot-product attention.
+    """
+    lead = _check(q, k, v, distance, mask)
+    H, T, E = q.shape[-3:]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    order, G, M, dist = _protocol_groups(lead, distance, H)
+    n = len(lead)
+
+    def to_core(x):  # (..., H, T, E) -> (G, M, T, E): protocols outside, then sequences x heads
+        return x.permute(*order, n, n + 1, n + 2).reshape(G, M, T, E).to(work).contiguous()
+
+    with torch.autocast(q.device.type, enabled=False):  # the core runs in float32/float64 whatever the context
+        angle = drope_angles(dist.to(device=q.device, dtype=work), E, base)  # (G, Ti, Tj, N)
+        table = torch.polar(torch.ones_like(angle), angle)
+        scores = _DRoPEScores.apply(to_core(q), to_core(k), table, 1.0 / math.sqrt(E))  # (G, M, Ti, Tj)
+        scores = scores.reshape(*[lead[i] for i in order], H, T, T)
+        inverse = [order.index(i) for i in range(n)]
+        scores = scores.permute(*inverse, n, n + 1, n + 2)  # (..., H, Ti, Tj)
+        result = _softmax_values(scores, v.to(work), mask, need_weights)
+    if need_weights:
+        return result[0].to(q.dtype), result[1].to(q.dtype)
+    return result.to(q.dtype)
+
+
+def _protocol_groups(lead: tuple[int, ...], distance: torch.Tensor, H: int):
+    """Split q's leading dims into protocol dims (where distance has its own entries) and shared dims.
+
+    Returns (order, G, M, dist): ``order`` lists the leading dims protocol-first; G = number of protocols,
+    M = sequences x heads per protocol; dist (G, T, T).
+    """
+    T = distance.shape[-1]
+    dist_shape = (1,) * (len(lead) - (distance.dim() - 2)) + tuple(distance.shape[:-2])
+    own = [i for i, (d, full) in enumerate(zip(dist_shape, lead)) if d != 1 and full != 1]
+    shared = [i for i in range(len(lead)) if i not in own]
+    order = own + shared
+    dist = distance.reshape(dist_shape + (T, T)).permute(*order, len(lead), len(lead) + 1)
+    dist = dist[(Ellipsis,) + (0,) * len(shared) + (slice(None), slice(None))]  # drop the size-1 shared dims
+    G = math.prod(lead[i] for i in own)
+    M = math.prod(lead[i] for i in shared) * H
+    return order, G, M, dist.reshape(G, T, T)
+
+
+class _DRoPEScores(torch.autograd.Function):
+    """Scaled D-RoPE scores in the core layout.
+
+    q, k: (G, M, T, E) real, contiguous; table: (G, Ti, Tj, N) complex exp(i a_gijn); scale: float.
+    Returns s: (G, M, Ti, Tj), s[g, m, i, j] = scale * q[g, m, i] . R(a_gij) k[g, m, j].
+    Forward: per chunk of sequences, rotated keys R(a_ij) k_j (m, Ti, Tj, E), then the dot products with q_i.
+    Backward: dq_i = sum_j dS_ij R(a_ij) k_j and dk_j = sum_i dS_ij R(-a_ij) q_i, recomputing the rotations.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, table, scale):
+        ctx.save_for_backward(q, k, table)
+        ctx.scale = scale
+        G, M, T, E = q.shape
+        out = q.new_empty(G, M, T, T)
+        kc = torch.view_as_complex(k.unflatten(-1, (-1, 2)))  # (G, M, Tj, N)
+        blocks, buf = _blocks(q, table)
+        for g, m0, m1, i0, i1 in blocks:
+            k_rot = _rotated(kc[g, m0:m1], table[g, i0:i1], buf)  # (m, i, Tj, E): R(a_ij) k_j
+            # (1 x E) @ (E x Tj) per (m, i): a row times transposed rotated keys (much faster than a column GEMV)
+            torch.matmul(q[g, m0:m1, i0:i1, None, :], k_rot.transpose(-1, -2), out=out[g, m0:m1, i0:i1, None, :])
+        return out.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, table = ctx.saved_tensors  # grad: (G, M, Ti, Tj); no full-size copy of it is made
+        table_t = table.transpose(1, 2).conj().resolve_conj()  # (G, Tj, Ti, N): exp(-i a_ij)
+        qc = torch.view_as_complex(q.unflatten(-1, (-1, 2)))
+        kc = torch.view_as_complex(k.unflatten(-1, (-1, 2)))
+        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+        blocks, buf = _blocks(q, table)
+        for g, m0, m1, r0, r1 in blocks:
+            if dq is not None:  # dq_i = sum_j dS_ij R(a_ij) k_j, query rows r0:r1
+                k_rot = _rotated(kc[g, m0:m1], table[g, r0:r1], buf)  # (m, i, Tj, E)
+                torch.matmul(grad[g, m0:m1, r0:r1, None, :], k_rot, out=dq[g, m0:m1, r0:r1, None, :])
+            if dk is not None:  # dk_j = sum_i dS_ij R(-a_ij) q_i, key rows r0:r1
+                q_rot = _rotated(qc[g, m0:m1], table_t[g, r0:r1], buf)  # (m, j, Ti, E)
+                grad_j = grad[g, m0:m1, :, r0:r1].transpose(-1, -2)  # (m, j, Ti)
+                torch.matmul(grad_j[..., None, :], q_rot, out=dk[g, m0:m1, r0:r1, None, :])
+        return _scaled(dq, ctx.scale), _scaled(dk, ctx.scale), None, None
+
+
+def _scaled(x: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    return None if x is None else x.mul_(scale)
+
+
+def _blocks(x: torch.Tensor, table: torch.Tensor):
+    """Work blocks over x (G, M, T, E): (g, m0, m1, r0, r1) = protocol, sequences m0:m1, rows r0:r1.
+
+    A block's rotated keys (m, rows, T, E) take about CHUNK_BYTES (per device type): whole sequences are grouped
+    while one fits, else the rows of one sequence are split. Returns (list of blocks, the one work buffer).
+    """
+    G, M, T, E = x.shape
+    budget = CHUNK_BYTES.get(x.device.type, DEFAULT_CHUNK_BYTES)
+    row_bytes = T * E * x.element_size()
+    rows = max(1, min(T, budget // max(row_bytes, 1)))
+    seqs = max(1, min(M, budget // max(row_bytes * T, 1))) if rows == T else 1
+    blocks = [
+        (g, m0, min(M, m0 + seqs), r0, min(T, r0 + rows))
+        for g in range(G)
+        for m0 in range(0, M, seqs)
+        for r0 in range(0, T, rows)
+    ]
+    buf = table.new_empty(seqs, rows, T, E // 2)  # one buffer for all blocks: no allocation / page faults per block
+    return blocks, buf
+
+
+def _rotated(xc: torch.Tensor, table: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """xc (m, Tj, N) complex, table (rows, Tj, N) complex -> real (m, rows, Tj, E): R(a_rj) x_j, adjacent pairs.
+
+    Written into the front of buf (>= m, >= rows, Tj, N)."""
+    out = buf[: xc.shape[0], : table.shape[0]]
+    torch.mul(xc[:, None], table[None], out=out)
+    return torch.view_as_real(out).flatten(-2)
+
+
+def _check(q, k, v, distance, mask) -> tuple[int, ...]:
+    """Validate shapes; return the leading dims ``...`` of q (..., H, T, E)."""
+    if q.dim() < 3 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise DRoPEShapeError(
+            f"q, k, v must be (..., H, T, E) with equal shapes (v may have another E); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    T, E = q.shape[-2:]
+    if E % 2:
+        raise DRoPEShapeError(f"D-RoPE needs an even head dim E, got {E}")
+    lead = tuple(q.shape[:-3])
+    if distance.dim() < 2 or distance.shape[-2:] != (T, T) or distance.dim() - 2 > len(lead):
+        raise DRoPEShapeError(
+            f"distance must be (T, T) or (..., T, T) with T={T} and leading dims broadcastable to {lead} "
+            f"(no head axis); got {tuple(distance.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(tuple(distance.shape[:-2]), lead)
+        if mask is not None:
+            torch.broadcast_shapes(tuple(mask.shape), (*q.shape[:-1], T))
+    except RuntimeError as err:
+        raise DRoPEShapeError(f"distance / mask do not broadcast against q {tuple(q.shape)}: {err}") from None
+    if torch.broadcast_shapes(tuple(distance.shape[:-2]), lead) != lead:
+        raise DRoPEShapeError(f"distance leading dims {tuple(distance.shape[:-2])} are larger than q's {lead}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise DRoPEShapeError(f"mask must be bool (True = attend), got {mask.dtype}")
+    return lead

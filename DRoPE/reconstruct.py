@@ -1,0 +1,407 @@
+"""Reconstruct / predict: the engine behind ``python -m DRoPE reconstruct`` and the Slicer module.
+
+Pipeline: pick volumes -> preprocess (mask, b0 normalisation, whole patches) -> for each slab of ``slab``
+slices: mask a fraction of the patches of every volume (seeded), reconstruct all patches, read the encoder's
+attention and CLS latent on the unmasked slab -> back on the input grid -> DTI of the original and of the
+reconstruction -> outputs.
+
+Slabs: the model is pretrained on slabs of a few slices (4 by default, the depth of one patch), so inference runs
+slab by slab, exactly as in training; this also bounds memory for any brain size and number of volumes. The
+latent of the scan is the mean of the slabs' CLS vectors, weighted by their brain-voxel count.
+
+The reconstruction is the model's prediction for every patch (visible ones included; nothing is pasted back),
+multiplied back by the input's mean b0, in the units of the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .dti import DTIModel, mean_b0
+from .dwi import DWI
+from .io import input_files, save_nifti, save_scalar_nifti
+from .model import fixed_ratio_spatial_mask, load_model, patch_map_to_voxels
+from .model.checkpoint import read_metadata
+from .overview import MD_DISPLAY_MAX, grey_style, panel_figure, save_figure
+from .preprocess import NORM_RANGE, brain_mask, normalize, preprocess
+from .probes import load_probe
+from .protocol import describe_protocol, pick_volumes
+from .resources import DEFAULT_WEIGHTS
+
+log = logging.getLogger(__name__)
+
+MIN_DTI_DIRECTIONS = 6
+Progress = Callable[[float, str], None]
+
+
+class ReconstructError(ValueError):
+    """Settings that cannot work with this input or model; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    """What to run.
+
+    Attributes:
+        mask_ratio: fraction of the patches of every volume hidden from the encoder, in [0, 1).
+        volumes: number of volumes given to the model (a seeded random subset holding a b0); None = all.
+        seed: seeds the volume subset and the patch mask.
+        slab: slices per inference slab (a multiple of the patch depth); None = the training slab of the
+            checkpoint (``extra.slab`` in model.json), else one patch depth.
+    """
+
+    mask_ratio: float = 0.75
+    volumes: int | None = None
+    seed: int = 0
+    slab: int | None = None
+
+
+@dataclass
+class Reconstruction:
+    """Results on the canonical input grid (X, Y, Z), for the V selected volumes.
+
+    Attributes:
+        dwi: the input restricted to the selected volumes.
+        volume_index: (V,) indices of the selected volumes in the input file.
+        recon: (X, Y, Z, V) reconstructed signal (input units).
+        visible: (X, Y, Z, V) bool, True where the patch was shown to the encoder.
+        mask: (X, Y, Z) bool brain mask.
+        attention: (X, Y, Z) CLS -> patch attention of the last encoder block, averaged over volumes and heads.
+        diffusion_attention: (V, V) attention between volumes, averaged over patches, heads and slabs.
+        latent: (D,) CLS latent of the scan.
+        maps: DTI maps {"fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "v1"}, empty when DTI is
+            impossible (fewer than 6 directions); MD in mm^2/s.
+        summary: JSON-safe description of the run and its metrics.
+    """
+
+    dwi: DWI
+    volume_index: np.ndarray
+    recon: np.ndarray
+    visible: np.ndarray
+    mask: np.ndarray
+    attention: np.ndarray
+    diffusion_attention: np.ndarray
+    latent: np.ndarray
+    maps: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def resolve_slab(settings: ReconstructSettings, meta: dict, patch_depth: int) -> int:
+    """Slab depth: the setting, else the checkpoint's training slab, else one patch depth."""
+    slab = settings.slab or meta.get("extra", {}).get("slab") or patch_depth
+    if slab % patch_depth:
+        raise ReconstructError(f"slab {slab} must be a multiple of the patch depth {patch_depth}")
+    return int(slab)
+
+
+def select_volumes(dwi: DWI, volumes: int | None, seed: int) -> tuple[DWI, np.ndarray]:
+    """The DWI restricted to ``volumes`` random volumes (holding a b0), or all of them."""
+    if volumes is None or volumes >= dwi.n_volumes:
+        return dwi, np.arange(dwi.n_volumes)
+    index = pick_volumes(dwi.gtab, volumes, seed, include_b0=True)
+    subset = dataclasses.replace(dwi, data=np.ascontiguousarray(dwi.data[..., index]), gtab=dwi.gtab.select(index))
+    return subset, index
+
+
+def run_reconstruction(
+    dwi: DWI,
+    weights=DEFAULT_WEIGHTS,
+    settings: ReconstructSettings = ReconstructSettings(),
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Reconstruction:
+    """Reconstruct ``dwi`` with the checkpoint ``weights`` (folder or file) on ``device``.
+
+    progress(fraction, message) is called as the work advances. On CUDA out-of-memory the run is redone on the
+    CPU with a warning (recorded in the summary).
+    """
+    report = progress or (lambda fraction, message: None)
+    if not 0.0 <= settings.mask_ratio < 1.0:
+        raise ReconstructError(f"mask ratio must be in [0, 1), got {settings.mask_ratio}")
+    started = time.perf_counter()
+    report(0.02, "loading model")
+    meta = read_metadata(weights)
+    device = torch.device(device)
+    model = load_model(weights, device=device)
+    slab = resolve_slab(settings, meta, model.config.patch_size[2])
+    subset, index = select_volumes(dwi, settings.volumes, settings.seed)
+    report(0.08, "preprocessing")
+    mask = brain_mask(subset)
+    prep = preprocess(subset, mask=mask, patch=model.config.patch_size)
+    try:
+        outputs = _run_slabs(model, prep, slab, settings, device, report)
+    except torch.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        log.warning("CUDA out of memory; running on the CPU instead")
+        torch.cuda.empty_cache()
+        device = torch.device("cpu")
+        outputs = _run_slabs(model.to(device), prep, slab, settings, device, report)
+    pred, visible, attention, diffusion, latent = outputs
+    report(0.8, "back on the input grid")
+    b0 = mean_b0(subset.data, subset.gtab)
+    recon = prep.to_input(pred) * b0[..., None] * mask[..., None]
+    result = Reconstruction(
+        dwi=subset,
+        volume_index=index,
+        recon=recon.astype(np.float32),
+        visible=prep.to_input(visible.astype(np.uint8)).astype(bool),
+        mask=mask,
+        attention=prep.to_input(attention),
+        diffusion_attention=diffusion,
+        latent=latent,
+    )
+    report(0.85, "DTI of original and reconstruction")
+    result.maps = dti_maps(subset, recon, mask)
+    result.summary = _summary(result, prep, weights, meta, settings, slab, device, time.perf_counter() - started)
+    report(0.95, "done")
+    return result
+
+
+@torch.no_grad()
+def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, report: Progress):
+    """Run the model slab by slab on the model grid.
+
+    Returns pred (V, X, Y, Z) normalised signal, visible (V, X, Y, Z) bool, attention (X, Y, Z),
+    diffusion (V, V), latent (D,).
+    """
+    V, X, Y, Z = prep.signal.shape
+    patch = model.config.patch_size
+    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
+    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    generator = torch.Generator().manual_seed(settings.seed)
+    pred = np.zeros((V, X, Y, Z), dtype=np.float32)
+    visible = np.zeros((V, X, Y, Z), dtype=bool)
+    attention = np.zeros((X, Y, Z), dtype=np.float32)
+    diffusion = np.zeros((V, V), dtype=np.float64)
+    latent = np.zeros(model.config.embed_dim, dtype=np.float64)
+    weight_total = 0.0
+    starts = range(0, Z, slab)
+    for n, z0 in enumerate(starts):
+        z1 = min(Z, z0 + slab)
+        brain = int(prep.mask[:, :, z0:z1].sum())
+        P = math.prod(s // p for s, p in zip((X, Y, z1 - z0), patch))
+        keep = None
+        if settings.mask_ratio > 0:
+            keep = fixed_ratio_spatial_mask(1, V, P, settings.mask_ratio, generator=generator).to(device)
+        grid = (X, Y, z1 - z0)
+        keep_voxels = torch.ones(1, V, *grid, dtype=torch.bool) if keep is None else patch_map_to_voxels(keep, grid, patch)
+        visible[..., z0:z1] = keep_voxels[0].cpu().numpy()
+        if brain:
+            x = torch.as_tensor(prep.signal[..., z0:z1], device=device)[None]
+            pred[..., z0:z1] = model.reconstruct(x, bvals, bvecs, keep)[0].float().cpu().numpy()
+            maps = model.attention_maps(x, bvals, bvecs)
+            attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
+            diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
+            latent += brain * model.encode(x, bvals, bvecs)[0].double().cpu().numpy()
+            weight_total += brain
+        report(0.1 + 0.7 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
+    if weight_total == 0:
+        raise ReconstructError("the brain mask is empty: nothing to reconstruct")
+    return pred, visible, attention, diffusion / weight_total, (latent / weight_total).astype(np.float32)
+
+
+def dti_maps(dwi: DWI, recon: np.ndarray, mask: np.ndarray) -> dict:
+    """FA / MD of the original and the reconstruction and their absolute errors, on the canonical grid.
+
+    Returns {} when the protocol cannot support a tensor (no b0 or fewer than 6 directions).
+    """
+    if dwi.gtab.n_directions < MIN_DTI_DIRECTIONS or not dwi.gtab.b0s_mask.any():
+        log.warning("DTI maps skipped: %s has fewer than %d directions", dwi.gtab.describe(), MIN_DTI_DIRECTIONS)
+        return {}
+    model = DTIModel(dwi.gtab)
+    original = model.fit(dwi.data, mask, progress=False)
+    rebuilt = model.fit(recon, mask, progress=False)
+    both = original.mask & rebuilt.mask
+    return {
+        "fa": original.fa,
+        "md": original.md,
+        "fa_recon": rebuilt.fa,
+        "md_recon": rebuilt.md,
+        "fa_error": np.abs(rebuilt.fa - original.fa) * both,
+        "md_error": np.abs(rebuilt.md - original.md) * both,
+        "v1": (original.v1 @ dwi.rotation.T) * original.mask[..., None],
+    }
+
+
+def normalised_pair(dwi: DWI, recon: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reconstruction and original as the model sees them: divided by the original's mean b0 and clipped to
+    ``NORM_RANGE``, 0 outside the mask. recon: (X, Y, Z, V) like ``dwi.data`` -> two (X, Y, Z, V) float32 arrays."""
+    target = normalize(dwi.data, dwi.gtab, mask)
+    b0 = mean_b0(dwi.data, dwi.gtab)
+    valid = (mask & (b0 > 0))[..., None]
+    prediction = np.clip(recon / np.where(b0 > 0, b0, 1.0)[..., None], *NORM_RANGE) * valid
+    return prediction.astype(np.float32), target
+
+
+def _summary(result: Reconstruction, prep, weights, meta, settings, slab, device, seconds) -> dict:
+    """JSON-safe record of the run: inputs, settings, model, timing and error metrics."""
+    dwi = result.dwi
+    prediction, target = normalised_pair(dwi, result.recon, result.mask)
+    err = prediction - target
+    inside = result.mask[..., None] & np.ones_like(result.visible)
+    metrics = {
+        "mae_normalised_masked": _mean(np.abs(err), inside & ~result.visible),
+        "mae_normalised_visible": _mean(np.abs(err), inside & result.visible),
+        "mse_normalised_masked": _mean(err**2, inside & ~result.visible),
+    }
+    if result.maps:
+        metrics["fa_mae"] = _mean(result.maps["fa_error"], result.mask)
+        metrics["md_mae_mm2_per_s"] = _mean(result.maps["md_error"], result.mask)
+    return {
+        "drope_version": __version__,
+        "input": dwi.source,
+        "protocol": describe_protocol(dwi.gtab),
+        "volume_index": result.volume_index.tolist(),
+        "settings": dataclasses.asdict(settings) | {"slab": slab},
+        "weights": str(weights),
+        "model": meta.get("config", {}),
+        "device": str(device),
+        "seconds": round(seconds, 2),
+        "latent_dim": int(result.latent.size),
+        "latent_norm": float(np.linalg.norm(result.latent)),
+        "metrics": metrics,
+        "warnings": list(dwi.warnings),
+        "model_grid": list(prep.signal.shape[1:]),
+    }
+
+
+def _mean(values: np.ndarray, where: np.ndarray) -> float | None:
+    return float(values[where].mean()) if where.any() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+OUTPUT_FILES = (
+    "reconstruction.nii.gz",
+    "attention.nii.gz",
+    "diffusion_attention.csv",
+    "diffusion_attention.png",
+    "latent.npy",
+    "summary.json",
+    "overview.png",
+)
+MAP_FILES = ("fa", "md", "fa_recon", "md_recon", "fa_error", "md_error")
+
+
+def write_outputs(result: Reconstruction, out_dir, probe_path=None) -> list[Path]:
+    """Write every output into ``out_dir`` on the input's own grid; returns the written paths.
+
+    Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
+    them exist, so an interrupted run (error, SIGTERM) leaves no half-written output.
+    """
+    out_dir = Path(out_dir)
+    protected = [Path(p).resolve() for p in input_files(result.dwi)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f".drope-partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        written = _write_staged(result, stage, probe_path)
+        final = []
+        for path in written:
+            target = out_dir / path.name
+            if target.resolve() in protected:
+                raise ReconstructError(f"{target}: refusing to overwrite an input file; choose another --out")
+            final.append(target)
+        for path, target in zip(written, final):
+            path.replace(target)
+        return final
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_staged(result: Reconstruction, stage: Path, probe_path) -> list[Path]:
+
+    dwi = result.dwi
+    recon_dwi = dataclasses.replace(dwi, data=result.recon, source="", inputs=())
+    written = list(save_nifti(recon_dwi, stage / "reconstruction.nii.gz"))
+    for name in MAP_FILES:
+        if name in result.maps:
+            written.append(save_scalar_nifti(dwi.to_input_grid(result.maps[name]), dwi.grid.affine, stage / f"{name}.nii.gz"))
+    written.append(save_scalar_nifti(dwi.to_input_grid(result.attention), dwi.grid.affine, stage / "attention.nii.gz"))
+    written += _write_diffusion_attention(result, stage)
+    np.save(stage / "latent.npy", result.latent)
+    written.append(stage / "latent.npy")
+    if probe_path is not None:
+        prediction = load_probe(probe_path).predict(result.latent)
+        result.summary["prediction"] = prediction
+        (stage / "prediction.json").write_text(json.dumps(prediction, indent=2))
+        written.append(stage / "prediction.json")
+    written.append(save_figure(reconstruction_figure(result), stage / "overview.png"))
+    result.summary["outputs"] = [p.name for p in written] + ["summary.json"]
+    (stage / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    written.append(stage / "summary.json")
+    return written
+
+
+def _write_diffusion_attention(result: Reconstruction, stage: Path) -> list[Path]:
+    """The (V, V) matrix as CSV (rows = query volume, columns = key volume, with b-values) and a PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gtab = result.dwi.gtab
+    labels = [f"v{i}_b{b:g}" for i, b in zip(result.volume_index, gtab.shell_bvals)]
+    csv = stage / "diffusion_attention.csv"
+    rows = ["query\\key," + ",".join(labels)]
+    rows += [label + "," + ",".join(f"{w:.6g}" for w in row) for label, row in zip(labels, result.diffusion_attention)]
+    csv.write_text("\n".join(rows) + "\n")
+    png = stage / "diffusion_attention.png"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(result.diffusion_attention, cmap="viridis")
+    ax.set_xlabel("key volume")
+    ax.set_ylabel("query volume")
+    ax.set_title("Diffusion attention (last encoder block)")
+    if len(labels) <= 30:
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [csv, png]
+
+
+def reconstruction_figure(result: Reconstruction):
+    """Overview rows: one diffusion-weighted volume as input to the encoder (visible patches), original,
+    reconstruction and absolute error; the attention map; FA of original and reconstruction and the FA/MD errors."""
+    dwi = result.dwi
+    k = int(np.flatnonzero(~dwi.gtab.b0s_mask)[0]) if (~dwi.gtab.b0s_mask).any() else 0
+    b = dwi.gtab.shell_bvals[k]
+    original, recon = dwi.data[..., k] * result.mask, result.recon[..., k]
+    style = grey_style(original)
+    error_style = dict(cmap="hot", vmin=0, vmax=style["vmax"] / 2)
+    rows = [
+        (f"encoder input, vol {result.volume_index[k]} (b={b:g})", original * result.visible[..., k], style),
+        ("original", original, style),
+        ("reconstruction", recon, style),
+        ("|reconstruction - original|", np.abs(recon - original), error_style),
+        ("CLS attention (mean over volumes)", result.attention * result.mask, dict(cmap="inferno")),
+    ]
+    if result.maps:
+        md_max = MD_DISPLAY_MAX * 1e-3
+        rows += [
+            ("FA, original", result.maps["fa"], dict(cmap="gray", vmin=0, vmax=1)),
+            ("FA, reconstruction", result.maps["fa_recon"], dict(cmap="gray", vmin=0, vmax=1)),
+            ("|FA error|", result.maps["fa_error"], dict(cmap="hot", vmin=0, vmax=0.3)),
+            ("|MD error| (mm$^2$/s)", result.maps["md_error"], dict(cmap="hot", vmin=0, vmax=md_max / 3)),
+        ]
+    ratio = result.summary.get("settings", {}).get("mask_ratio", 0)
+    title = f"{Path(dwi.source).name}: DRoPE reconstruction, {ratio:.0%} of patches masked"
+    return panel_figure(rows, dwi.voxel_size, mask=result.mask, title=title)
