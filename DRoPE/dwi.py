@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -93,6 +94,10 @@ class DWI:
     def rotation(self) -> np.ndarray:
         """(3, 3) direction cosines of the canonical axes: world RAS vector = rotation @ voxel-frame vector."""
         return self.affine[:3, :3] / self.voxel_size
+
+    def select(self, index) -> "DWI":
+        """The same scan restricted to the volumes ``index`` ((K,) int indices or (N,) bool mask)."""
+        return dataclasses.replace(self, data=np.ascontiguousarray(self.data[..., index]), gtab=self.gtab.select(index))
 
     def world_bvecs(self) -> np.ndarray:
         """(N, 3) b-vectors in world RAS coordinates."""

@@ -36,7 +36,7 @@ from .io import input_files, save_nifti, save_scalar_nifti
 from .model import fixed_ratio_spatial_mask, load_model, patch_map_to_voxels
 from .model.checkpoint import read_metadata
 from .overview import MD_DISPLAY_MAX, grey_style, panel_figure, save_figure
-from .preprocess import NORM_RANGE, brain_mask, normalize, preprocess
+from .preprocess import NORM_RANGE, Preprocessed, brain_mask, normalize, preprocess
 from .probes import load_probe
 from .protocol import describe_protocol, pick_volumes
 from .resources import DEFAULT_WEIGHTS
@@ -112,8 +112,7 @@ def select_volumes(dwi: DWI, volumes: int | None, seed: int) -> tuple[DWI, np.nd
     if volumes is None or volumes >= dwi.n_volumes:
         return dwi, np.arange(dwi.n_volumes)
     index = pick_volumes(dwi.gtab, volumes, seed, include_b0=True)
-    subset = dataclasses.replace(dwi, data=np.ascontiguousarray(dwi.data[..., index]), gtab=dwi.gtab.select(index))
-    return subset, index
+    return dwi.select(index), index
 
 
 def run_reconstruction(
@@ -171,6 +170,33 @@ def run_reconstruction(
     return result
 
 
+def slab_tensors(prep: Preprocessed, slab: int, device, z0: int) -> tuple[torch.Tensor, int]:
+    """x (1, V, X, Y, z1 - z0) of the slab of ``prep.signal`` starting at slice z0, and its brain-voxel count."""
+    z1 = min(prep.signal.shape[3], z0 + slab)
+    x = torch.as_tensor(prep.signal[..., z0:z1], device=device)[None]
+    return x, int(prep.mask[:, :, z0:z1].sum())
+
+
+def scan_latent(model, prep: Preprocessed, slab: int, device="cpu", *, grad: bool = False) -> torch.Tensor:
+    """(D,) latent of a scan: the mean of the slabs' CLS vectors (nothing masked), weighted by brain voxels.
+
+    grad=True keeps the autograd graph (fine-tuning); otherwise runs under ``torch.no_grad``.
+    """
+    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
+    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    total, weight = None, 0
+    with torch.set_grad_enabled(grad):
+        for z0 in range(0, prep.signal.shape[3], slab):
+            x, brain = slab_tensors(prep, slab, device, z0)
+            if brain:
+                cls = model.encode(x, bvals, bvecs)[0] * brain
+                total = cls if total is None else total + cls
+                weight += brain
+    if total is None:
+        raise ReconstructError("the brain mask is empty: no slab holds brain voxels")
+    return total / weight
+
+
 @torch.no_grad()
 def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, report: Progress):
     """Run the model slab by slab on the model grid.
@@ -187,31 +213,29 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
     visible = np.zeros((V, X, Y, Z), dtype=bool)
     attention = np.zeros((X, Y, Z), dtype=np.float32)
     diffusion = np.zeros((V, V), dtype=np.float64)
-    latent = np.zeros(model.config.embed_dim, dtype=np.float64)
-    weight_total = 0.0
+    weight_total = 0
     starts = range(0, Z, slab)
     for n, z0 in enumerate(starts):
-        z1 = min(Z, z0 + slab)
-        brain = int(prep.mask[:, :, z0:z1].sum())
-        P = math.prod(s // p for s, p in zip((X, Y, z1 - z0), patch))
+        x, brain = slab_tensors(prep, slab, device, z0)
+        grid = tuple(x.shape[2:])
+        z1 = z0 + grid[2]
+        P = math.prod(s // p for s, p in zip(grid, patch))
         keep = None
         if settings.mask_ratio > 0:
             keep = fixed_ratio_spatial_mask(1, V, P, settings.mask_ratio, generator=generator).to(device)
-        grid = (X, Y, z1 - z0)
         keep_voxels = torch.ones(1, V, *grid, dtype=torch.bool) if keep is None else patch_map_to_voxels(keep, grid, patch)
         visible[..., z0:z1] = keep_voxels[0].cpu().numpy()
         if brain:
-            x = torch.as_tensor(prep.signal[..., z0:z1], device=device)[None]
             pred[..., z0:z1] = model.reconstruct(x, bvals, bvecs, keep)[0].float().cpu().numpy()
             maps = model.attention_maps(x, bvals, bvecs)
             attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
             diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
-            latent += brain * model.encode(x, bvals, bvecs)[0].double().cpu().numpy()
             weight_total += brain
-        report(0.1 + 0.7 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
+        report(0.1 + 0.6 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
     if weight_total == 0:
         raise ReconstructError("the brain mask is empty: nothing to reconstruct")
-    return pred, visible, attention, diffusion / weight_total, (latent / weight_total).astype(np.float32)
+    latent = scan_latent(model, prep, slab, device).double().cpu().numpy().astype(np.float32)
+    return pred, visible, attention, diffusion / weight_total, latent
 
 
 def dti_maps(dwi: DWI, recon: np.ndarray, mask: np.ndarray) -> dict:

@@ -1,6 +1,6 @@
 """CLS latents of whole scans, for probing (paper Section 4.3).
 
-``scan_latent`` is the scan-level latent of ``DRoPE.reconstruct``: the encoder runs slab by slab (``slab`` slices,
+``scan_latent`` (from ``DRoPE.reconstruct``) is the scan-level latent: the encoder runs slab by slab (``slab`` slices,
 nothing masked) and the scan's latent is the mean of the slab CLS vectors weighted by each slab's brain-voxel
 count. ``extract_latents`` draws K random protocols per subject (``volumes`` diffusion-weighted volumes plus one
 b0 for the normalisation, seeded by (seed, subject id, draw)) and returns (K, D) latents per subject.
@@ -8,7 +8,6 @@ b0 for the normalisation, seeded by (seed, subject id, draw)) and returns (K, D)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import zlib
@@ -26,7 +25,7 @@ from ..io import NIFTI_SUFFIXES, NRRD_SUFFIXES, load_dwi
 from ..model import load_model, read_metadata
 from ..preprocess import Preprocessed, brain_mask, preprocess
 from ..protocol import pick_volumes
-from ..reconstruct import ReconstructSettings, resolve_slab
+from ..reconstruct import ReconstructSettings, resolve_slab, scan_latent
 
 log = logging.getLogger(__name__)
 
@@ -90,39 +89,6 @@ def draw_protocol(dwi: DWI, volumes: int | None, seed) -> np.ndarray:
     return np.sort(np.concatenate([[first], dw])).astype(np.int64)
 
 
-def subset(dwi: DWI, index: np.ndarray) -> DWI:
-    """The DWI restricted to the volumes ``index``."""
-    return dataclasses.replace(dwi, data=np.ascontiguousarray(dwi.data[..., index]), gtab=dwi.gtab.select(index))
-
-
-def slab_tensors(prep: Preprocessed, slab: int, device, z0: int):
-    """x (1, V, X, Y, z1 - z0) of the slab starting at z0, and its brain-voxel count."""
-    z1 = min(prep.signal.shape[3], z0 + slab)
-    x = torch.as_tensor(prep.signal[..., z0:z1], device=device)[None]
-    return x, int(prep.mask[:, :, z0:z1].sum())
-
-
-def scan_latent(model, prep: Preprocessed, slab: int, device="cpu", *, grad: bool = False) -> torch.Tensor:
-    """(D,) scan latent: brain-voxel-weighted mean of the slab CLS vectors (as in ``DRoPE.reconstruct``).
-
-    grad=True keeps the autograd graph (fine-tuning); otherwise runs under ``torch.no_grad``.
-    """
-    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
-    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
-    total, weight = None, 0
-    with torch.set_grad_enabled(grad):
-        for z0 in range(0, prep.signal.shape[3], slab):
-            x, brain = slab_tensors(prep, slab, device, z0)
-            if brain == 0:
-                continue
-            cls = model.encode(x, bvals, bvecs)[0] * brain
-            total = cls if total is None else total + cls
-            weight += brain
-    if total is None:
-        raise ExtractError("the brain mask is empty: no slab has brain voxels")
-    return total / weight
-
-
 @dataclass(frozen=True)
 class Draw:
     """One protocol draw of one subject: volume indices into the file and the latent (D,)."""
@@ -134,7 +100,7 @@ class Draw:
 def prepare_subject(dwi: DWI, index: np.ndarray, patch, mask: np.ndarray | None = None) -> Preprocessed:
     """Preprocess the volumes ``index`` of ``dwi`` (mask: from the full scan's mean b0 when None)."""
     mask = brain_mask(dwi) if mask is None else mask
-    return preprocess(subset(dwi, index), mask=mask, patch=patch)
+    return preprocess(dwi.select(index), mask=mask, patch=patch)
 
 
 def draw_seed(seed: int, subject: str, draw: int) -> np.random.SeedSequence:
