@@ -23,11 +23,12 @@ are not rotated.
 
 Memory. Materialising rotated keys for every query (..., H, T, T, E) is what the public code does; it needs
 gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly but in chunks of
-sequences: the rotated keys R(a_ij) k_j of ``chunk`` sequences at a time are formed (the (T, T, N) angle table
-is shared by all sequences and heads that share a protocol), contracted with the queries by a batched
-matrix-vector product and dropped. A custom autograd function recomputes them chunk by chunk in the
-backward pass (dq = dS . R k, dk = dS^T . R^T q), so neither pass keeps anything of size T^2 E per sequence:
-what is kept is q, k and the (..., H, T, T) scores / probabilities, as in plain attention.
+sequences (or of query rows, for long sequences): the rotated keys R(a_ij) k_j of one block, about CHUNK_BYTES,
+are formed in one reused buffer (the (T, T, N) angle table is shared by all sequences and heads that share a
+protocol), contracted with the queries by batched (1 x E) @ (E x T) products and overwritten by the next block.
+A custom autograd function recomputes them block by block in the backward pass (dq = dS . R k,
+dk = dS^T . R^T q), so neither pass keeps anything of size T^2 E per sequence: what is kept is q, k and the
+(..., H, T, T) scores / probabilities, as in plain attention.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..gradients import B0_THRESHOLD
 
 DEFAULT_BASE = 0.3
 B_SCALE = 1000.0  # s/mm^2: rho = b / B_SCALE
-CHUNK_BYTES = {"cpu": 8 * 2**20}  # target size of one chunk of rotated keys (bytes) per device type (L3-sized on CPU)
+CHUNK_BYTES = {"cpu": 4 * 2**20}  # target bytes of rotated keys per work block, per device type (cache-sized on CPU)
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # accelerators: large chunks, few kernel launches
 
 

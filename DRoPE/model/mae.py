@@ -293,7 +293,7 @@ class DRoPEMAE(nn.Module):
     # --- embedding -------------------------------------------------------------------------------------
 
     def position_code(self, qspace_embed: nn.Linear, layout: TokenLayout, bvals, bvecs) -> torch.Tensor:
-        """(B, Vk, Pk, W) = [3-D sin-cos of the patch centre (W/2) | learned code of the volume's (rho, theta, phi) (W/2)]."""
+        """(B, Vk, Pk, W) = [3-D sin-cos of the patch centre (W/2) | learned code of (rho, theta, phi) (W/2)]."""
         width = 2 * qspace_embed.out_features
         B, Vk, Pk = layout.patch_idx.shape
         spatial = sincos_3d(layout.grid, width // 2, device=bvals.device)
@@ -326,6 +326,8 @@ class DRoPEMAE(nn.Module):
                 f"keep must be bool (B, V, P) = {(B, V, math.prod(grid))} (True = visible), "
                 f"got {keep.dtype} {tuple(keep.shape)}"
             )
+        if not bool(keep.flatten(1).any(1).all()):
+            raise ModelInputError("keep hides every patch of some batch element; keep at least one (True = visible)")
         return TokenLayout.from_keep(keep.to(x.device), grid)
 
     # --- encoder / decoder -----------------------------------------------------------------------------
@@ -350,20 +352,24 @@ class DRoPEMAE(nn.Module):
         bvals = torch.as_tensor(bvals, device=encoded.tokens.device, dtype=encoded.tokens.dtype)
         bvecs = torch.as_tensor(bvecs, device=encoded.tokens.device, dtype=encoded.tokens.dtype)
         B, V = bvals.shape
-        Dd = self.config.decoder_embed_dim
-        P = layout.n_patches
         full = TokenLayout.full(B, V, layout.grid, bvals.device)
-        tokens = self.decoder_embed(encoded.tokens)  # (B, Vk, Pk, Dd)
-        grid = self.mask_token.to(tokens.dtype).expand(B, V, P + 1, Dd).clone()  # patch P = dummy for padding
-        rows = torch.arange(B, device=tokens.device)[:, None, None]
-        grid[rows, layout.vol_idx[:, :, None], layout.patch_idx] = tokens
-        x = grid[:, :, :P] + self.position_code(self.decoder_qspace_embed, full, bvals, bvecs)
+        x = self.unmask(self.decoder_embed(encoded.tokens), layout, V)  # (B, V, P, Dd)
+        x = x + self.position_code(self.decoder_qspace_embed, full, bvals, bvecs)
         cls = self.decoder_embed(encoded.cls)
         distance = self._distance(bvals, bvecs, full.vol_idx)
         for blk in self.decoder_blocks:
             cls, x = blk(cls, x, full, distance)
         patches = self.decoder_pred(self.decoder_norm(x))  # (B, V, P, px*py*pz)
         return self.conv_head(self.unpatchify(patches, layout.grid))
+
+    def unmask(self, tokens: torch.Tensor, layout: TokenLayout, V: int) -> torch.Tensor:
+        """Visible tokens (B, Vk, Pk, Dd) -> full grid (B, V, P, Dd) with the mask token at every removed patch."""
+        B, _, _, Dd = tokens.shape
+        P = layout.n_patches
+        grid = self.mask_token.to(tokens.dtype).expand(B, V, P + 1, Dd).clone()  # patch P: dummy for padding
+        rows = torch.arange(B, device=tokens.device)[:, None, None]
+        grid[rows, layout.vol_idx[:, :, None], layout.patch_idx] = tokens
+        return grid[:, :, :P]
 
     def forward_loss(self, x, pred, keep, mask_lambda: float):
         """Weighted reconstruction loss. x, pred (B, V, X, Y, Z); keep (B, V, P) True = visible (None = all).
@@ -404,9 +410,10 @@ class DRoPEMAE(nn.Module):
     def attention_maps(self, x, bvals, bvecs, keep=None) -> dict[str, torch.Tensor]:
         """Attention of the last encoder block, averaged over heads.
 
-        Returns {"spatial": (B, V, P) CLS -> patch attention within each volume (0 for removed patches / volumes),
-        "diffusion": (B, V, V) query volume -> key volume attention averaged over the patch positions where the
-        query is visible (0 rows / columns for volumes not held)}.
+        Returns {"spatial": (B, V, P) CLS -> patch attention within each volume (0 for removed patches / volumes;
+        a row sums to 1 minus the CLS -> CLS weight), "diffusion": (B, V, V) query volume -> key volume attention
+        averaged over the patch positions where the query is visible (rows sum to 1; 0 rows / columns for volumes
+        not held)}. ``patch_map_to_voxels`` turns the spatial map into an overlay.
         """
         bvals, bvecs = self._check_inputs(x, bvals, bvecs)
         layout = self.layout_for(x, keep)
