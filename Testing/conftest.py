@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "Resources" / "Sample"
@@ -38,3 +39,13 @@ def shared_data() -> Path:
 def sample_dir() -> Path:
     """The small DWI bundled in Resources/Sample (Canon oblique, BSD-2-Clause)."""
     return SAMPLE_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (restored after): tiny models run many small ops, which stall on a
+    shared, busy 2-core CPU with several threads. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

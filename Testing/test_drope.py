@@ -18,13 +18,7 @@ from DRoPE.model.drope import (
     drope_distance,
 )
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: many small ops stall on a shared, busy CPU otherwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------

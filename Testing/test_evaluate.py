@@ -21,13 +21,7 @@ sys.path.insert(0, str(REPO / "DRoPETrain"))
 import evaluate  # noqa: E402  (DRoPETrain/evaluate.py)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run faster without intra-op threads; restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def crop_dwi(source: Path, target: Path, half=(16, 16, 4)) -> Path:

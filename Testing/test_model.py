@@ -36,13 +36,7 @@ from DRoPE.model.layers import DiffusionAttention, SpatialAttention, TokenLayout
 TINY = model_config("tiny")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these tiny models run many small ops, which stall on a shared, busy CPU otherwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPE = (16, 16, 8)  # 2 x 2 x 2 patches of (8, 8, 4)
 P = 8

@@ -24,13 +24,7 @@ import probe  # noqa: E402  (DRoPETrain/probe.py)
 SOURCES = ("canon_oblique_all20d", "canon_ortho_same_session", "siemens_xa30_b2500")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run faster without intra-op threads; restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def crop(source: Path, target: Path, offset: int) -> None:
