@@ -162,7 +162,7 @@ def measure(case: Case, method: str, mode: str, device: str) -> dict:
         first = clock() - t0
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base, before = _rss_bytes(), _maxrss_bytes()
+        base = _rss_bytes()
         t0 = clock()
         once()
         first = clock() - t0
@@ -242,7 +242,7 @@ def measure_model(part: str, device: str, quick: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base, before = _rss_bytes(), _maxrss_bytes()
+        base = _rss_bytes()
     t0 = clock()
     once()
     first = clock() - t0

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 import pytest
 import torch
@@ -49,3 +53,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def centre_box(shape, half, offset=(0, 0, 0)) -> tuple[slice, slice, slice]:
+    """Slices of the box of half-size ``half`` (3 ints) around the centre of ``shape``, shifted by ``offset``."""
+    centre = [n // 2 + o for n, o in zip(shape[:3], offset)]
+    return tuple(slice(c - h, c + h) for c, h in zip(centre, half))
+
+
+def crop_dwi(source: Path, target: Path, box) -> Path:
+    """Write the voxels ``box`` (3 slices, all volumes) of the DWI ``source`` to ``target`` (.nii.gz) with its
+    .bval/.bvec; the affine's origin moves so the crop keeps its world position. ``source`` is only read."""
+    img = nib.load(source)
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([b.start for b in box]) + img.affine[:3, 3]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[box], affine, img.header), target)
+    stem = str(target)[: -len(".nii.gz")]
+    source_stem = str(source)[: -len(".nii.gz")]
+    shutil.copy(source_stem + ".bval", stem + ".bval")
+    shutil.copy(source_stem + ".bvec", stem + ".bvec")
+    return target

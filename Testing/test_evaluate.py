@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,25 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DRoPETrain"))
 
 import evaluate  # noqa: E402  (DRoPETrain/evaluate.py)
+from conftest import centre_box, crop_dwi  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def crop_dwi(source: Path, target: Path, half=(16, 16, 4)) -> Path:
-    """Centre crop of a shared-data DWI (read-only source) written as target (+ .bval/.bvec)."""
-    img = nib.load(source)
-    data = np.asarray(img.dataobj)
-    centre = [n // 2 for n in data.shape[:3]]
-    box = tuple(slice(c - h, c + h) for c, h in zip(centre, half))
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ np.array([b.start for b in box]) + img.affine[:3, 3]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data[box], affine, img.header), target)
-    stem = str(target)[: -len(".nii.gz")]
-    shutil.copy(source.with_name("dwi.bval"), stem + ".bval")
-    shutil.copy(source.with_name("dwi.bvec"), stem + ".bvec")
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +31,9 @@ def small_study(tmp_path_factory, shared_data):
 
     root = tmp_path_factory.mktemp("eval")
     for sid, name in (("sub-01", "canon_oblique_all20d"), ("sub-02", "siemens_xa30_b2500")):
-        crop_dwi(shared_data / name / "dwi.nii.gz", root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz")
+        source = shared_data / name / "dwi.nii.gz"
+        box = centre_box(nib.load(source).shape, (16, 16, 4))
+        crop_dwi(source, root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz", box)
     checkpoints = []
     for k, drope in enumerate((True, False)):
         torch.manual_seed(k)

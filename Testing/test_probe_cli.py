@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,26 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DRoPETrain"))
 
 import probe  # noqa: E402  (DRoPETrain/probe.py)
+from conftest import centre_box, crop_dwi  # noqa: E402
 
 SOURCES = ("canon_oblique_all20d", "canon_ortho_same_session", "siemens_xa30_b2500")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def crop(source: Path, target: Path, offset: int) -> None:
-    img = nib.load(source)
-    data = np.asarray(img.dataobj)
-    centre = [n // 2 for n in data.shape[:3]]
-    box = (slice(centre[0] - 16 + offset, centre[0] + 16 + offset), slice(centre[1] - 16, centre[1] + 16),
-           slice(centre[2] - 4, centre[2] + 4))
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ np.array([b.start for b in box]) + img.affine[:3, 3]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data[box], affine, img.header), target)
-    stem = str(target)[: -len(".nii.gz")]
-    shutil.copy(source.with_name("dwi.bval"), stem + ".bval")
-    shutil.copy(source.with_name("dwi.bvec"), stem + ".bvec")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,9 @@ def study(tmp_path_factory, shared_data):
     for k, name in enumerate(SOURCES):
         for j, offset in enumerate((-6, 6)):
             sid = f"sub-{2 * k + j + 1:02d}"
-            crop(shared_data / name / "dwi.nii.gz", root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz", offset)
+            source = shared_data / name / "dwi.nii.gz"
+            box = centre_box(nib.load(source).shape, (16, 16, 4), offset=(offset, 0, 0))
+            crop_dwi(source, root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz", box)
             ids.append(sid)
     torch.manual_seed(0)
     checkpoint = save_model(DRoPEMAE(model_config("tiny")), root / "model", extra={"slab": 4})

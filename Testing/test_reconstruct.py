@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import crop_dwi
 from DRoPE.cli import main as cli_main
 from DRoPE.io import load_dwi
 from DRoPE.model import DRoPEMAE, model_config, save_model
@@ -35,17 +35,9 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_dwi(tmp_path_factory, sample_dir) -> Path:
-    """A centre crop (48 x 48 x 12, all 13 volumes) of the bundled sample, with its affine moved accordingly."""
-    img = nib.load(sample_dir / "dwi.nii.gz")
-    start = np.array([16, 16, 14])
-    data = np.asarray(img.dataobj)[16:64, 16:64, 14:26]
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ start + img.affine[:3, 3]
-    folder = tmp_path_factory.mktemp("small")
-    nib.save(nib.Nifti1Image(data, affine), folder / "dwi.nii.gz")
-    for ext in ("bval", "bvec"):
-        (folder / f"dwi.{ext}").write_text((sample_dir / f"dwi.{ext}").read_text())
-    return folder / "dwi.nii.gz"
+    """A crop (48 x 48 x 12, all 13 volumes) of the bundled sample: exactly 6 x 6 x 3 patches."""
+    box = (slice(16, 64), slice(16, 64), slice(14, 26))
+    return crop_dwi(sample_dir / "dwi.nii.gz", tmp_path_factory.mktemp("small") / "dwi.nii.gz", box)
 
 
 def test_cli_writes_every_output_on_the_input_grid(tiny_weights, small_dwi, tmp_path):
