@@ -162,7 +162,7 @@ def measure(case: Case, method: str, mode: str, device: str) -> dict:
         first = clock() - t0
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
+        base, before = _rss_bytes(), _maxrss_bytes()
         t0 = clock()
         once()
         first = clock() - t0
