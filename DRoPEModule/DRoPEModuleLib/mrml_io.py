@@ -165,17 +165,30 @@ def read_dwi_nrrd(scene, path, name: str | None = None):
     Uses ``vtkMRMLNRRDStorageNode`` directly: ``vtkSlicerVolumesLogic.AddArchetypeVolume`` would return a vector
     volume and drop the gradients. Raises ValueError if the file cannot be read as a DWI.
     """
+    return _read_node(
+        scene, path, name, "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLNRRDStorageNode",
+        lambda node: node.GetNumberOfGradients() > 0,
+        "not a diffusion-weighted NRRD (no DWMRI gradient table could be read)",
+    )
+
+
+def _read_node(scene, path, name, node_class: str, storage_class: str, is_valid, problem: str):
+    """A new ``node_class`` node read from ``path`` by a new ``storage_class`` node, with display nodes.
+
+    Raises ValueError (naming the file and ``problem``) when the file is missing, the read fails, or
+    ``is_valid(node)`` is False; the half-made nodes are removed from the scene first.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    node = scene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode", name or _name_from_path(path))
-    storage = scene.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
+    node = scene.AddNewNodeByClass(node_class, name or _name_from_path(path))
+    storage = scene.AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node) or node.GetImageData() is None or node.GetNumberOfGradients() == 0:
+    if not storage.ReadData(node) or node.GetImageData() is None or not is_valid(node):
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise ValueError(f"{path}: not a diffusion-weighted NRRD (no DWMRI gradient table could be read)")
+        raise ValueError(f"{path}: {problem}")
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -400,20 +413,12 @@ def load_scalar_volume(scene, path, name: str | None = None, reference=None):
     With ``reference``, a node on the same grid gets exactly the reference's IJK->RAS (see ``match_geometry``).
     Raises ValueError when the file cannot be read.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _name_from_path(path))
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node) or node.GetImageData() is None:
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise ValueError(f"{path}: cannot be read as a volume")
-    node.CreateDefaultDisplayNodes()
+    node = _read_node(
+        scene, path, name, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode",
+        lambda node: True, "cannot be read as a volume",
+    )
     if reference is not None and not match_geometry(node, reference):
-        logger.warning("%s is not on the grid of %s", path.name, reference.GetName())
+        logger.warning("%s is not on the grid of %s", Path(path).name, reference.GetName())
     return node
 
 
