@@ -177,13 +177,19 @@ def slab_tensors(prep: Preprocessed, slab: int, device, z0: int) -> tuple[torch.
     return x, int(prep.mask[:, :, z0:z1].sum())
 
 
+def protocol_tensors(prep: Preprocessed, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's protocol inputs for one scan: bvals (1, V) and bvecs (1, V, 3), float32 on ``device``."""
+    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
+    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    return bvals, bvecs
+
+
 def scan_latent(model, prep: Preprocessed, slab: int, device="cpu", *, grad: bool = False) -> torch.Tensor:
     """(D,) latent of a scan: the mean of the slabs' CLS vectors (nothing masked), weighted by brain voxels.
 
     grad=True keeps the autograd graph (fine-tuning); otherwise runs under ``torch.no_grad``.
     """
-    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
-    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    bvals, bvecs = protocol_tensors(prep, device)
     total, weight = None, 0
     with torch.set_grad_enabled(grad):
         for z0 in range(0, prep.signal.shape[3], slab):
@@ -206,8 +212,7 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
     """
     V, X, Y, Z = prep.signal.shape
     patch = model.config.patch_size
-    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
-    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    bvals, bvecs = protocol_tensors(prep, device)
     generator = torch.Generator().manual_seed(settings.seed)
     pred = np.zeros((V, X, Y, Z), dtype=np.float32)
     visible = np.zeros((V, X, Y, Z), dtype=bool)
@@ -234,7 +239,7 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
         report(0.1 + 0.6 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
     if weight_total == 0:
         raise ReconstructError("the brain mask is empty: nothing to reconstruct")
-    latent = scan_latent(model, prep, slab, device).double().cpu().numpy().astype(np.float32)
+    latent = scan_latent(model, prep, slab, device).float().cpu().numpy()
     return pred, visible, attention, diffusion / weight_total, latent
 
 
@@ -276,7 +281,7 @@ def _summary(result: Reconstruction, prep, weights, meta, settings, slab, device
     dwi = result.dwi
     prediction, target = normalised_pair(dwi, result.recon, result.mask)
     err = prediction - target
-    inside = result.mask[..., None] & np.ones_like(result.visible)
+    inside = np.broadcast_to(result.mask[..., None], result.visible.shape)
     metrics = {
         "mae_normalised_masked": _mean(np.abs(err), inside & ~result.visible),
         "mae_normalised_visible": _mean(np.abs(err), inside & result.visible),
