@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from .arguments import in_range, input_file, output_folder
 from .atomic import full_suffix
 from .dti import DTIModel, mean_b0
 from .dwi import DWI
@@ -115,38 +116,39 @@ def run_dti(
     """
     out_dir = Path(out_dir)
     targets = [out_dir / name for name in DTI_OUTPUTS]
-    steps = tqdm(total=4, desc="dti", unit="step", delay=2.0, disable=not progress)
-    steps.set_postfix_str("reading")
-    dwi = _read_dwi(path, bval, bvec)
-    protected = [Path(p) for p in input_files(dwi)] + ([Path(mask_path)] if mask_path else [])
-    _check_outputs(targets, protected)
-    for message in dwi.warnings:
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-    steps.update()
-    steps.set_postfix_str("brain mask")
-    mask = read_mask(Path(mask_path), dwi) if mask_path else brain_mask(dwi)
-    steps.update()
-    steps.set_postfix_str("tensor fit")
-    fit = DTIModel(dwi.gtab).fit(dwi.data, mask, progress=progress)
-    steps.update()
-    steps.set_postfix_str("writing")
-    v1_world = (fit.v1 @ dwi.rotation.T) * fit.mask[..., None]
-    maps = {"fa": fit.fa, "md": fit.md, "mask": fit.mask, "v1": v1_world}
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DWIError(f"{out_dir}: cannot create the output folder: {exc}") from exc
-    for (name, array), target in zip(maps.items(), targets):
-        save_scalar_nifti(dwi.to_input_grid(array), dwi.grid.affine, target, protect=protected)
-    title = f"{Path(dwi.source).name}: {dwi.gtab.describe()}"
-    save_overview(targets[-1], mean_b0(dwi.data, dwi.gtab), fit.fa, fit.md, v1_world, dwi.voxel_size,
-                  mask=fit.mask, title=title)
-    steps.update()
-    steps.close()
+    with tqdm(total=4, desc="dti", unit="step", delay=2.0, disable=not progress) as steps:  # closed on errors too
+        steps.set_postfix_str("reading", refresh=False)
+        dwi = _read_dwi(path, bval, bvec)
+        protected = [Path(p) for p in input_files(dwi)] + ([Path(mask_path)] if mask_path else [])
+        _check_outputs(targets, protected)
+        for message in dwi.warnings:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+        steps.update()
+        steps.set_postfix_str("brain mask", refresh=False)
+        mask = read_mask(Path(mask_path), dwi) if mask_path else brain_mask(dwi)
+        steps.update()
+        steps.set_postfix_str("tensor fit", refresh=False)
+        fit = DTIModel(dwi.gtab).fit(dwi.data, mask, progress=progress)
+        steps.update()
+        steps.set_postfix_str("writing", refresh=False)
+        v1_world = (fit.v1 @ dwi.rotation.T) * fit.mask[..., None]
+        maps = {"fa": fit.fa, "md": fit.md, "mask": fit.mask, "v1": v1_world}
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DWIError(f"{out_dir}: cannot create the output folder: {exc}") from exc
+        for (name, array), target in zip(maps.items(), targets):
+            save_scalar_nifti(dwi.to_input_grid(array), dwi.grid.affine, target, protect=protected)
+        title = f"{Path(dwi.source).name}: {dwi.gtab.describe()}"
+        save_overview(targets[-1], mean_b0(dwi.data, dwi.gtab), fit.fa, fit.md, v1_world, dwi.voxel_size,
+                      mask=fit.mask, title=title)
+        steps.update()
     return targets
 
 
 def _cmd_dti(args: argparse.Namespace) -> int:
+    output_folder(args.out, "--out")
+    input_file(args.mask, "--mask")
     for written in run_dti(args.dwi, args.out, args.bval, args.bvec, args.mask, progress=not args.quiet):
         print(written)
     return 0
@@ -185,8 +187,8 @@ def _progress_reporter(mode: str):
     bar = tqdm(total=100, desc="reconstruct", unit="%", delay=1.0, disable=mode == "none")
 
     def report(fraction: float, message: str) -> None:
+        bar.set_postfix_str(message, refresh=False)  # shown by the update, once the bar's delay has passed
         bar.update(max(0, round(100 * fraction) - bar.n))
-        bar.set_postfix_str(message)
     return report, bar
 
 
@@ -195,17 +197,33 @@ def run_reconstruct(args: argparse.Namespace) -> list[Path]:
     from .device import select_device
     from .reconstruct import ReconstructSettings, run_reconstruction, write_outputs
 
+    _check_reconstruct_args(args)
     report, bar = _progress_reporter(args.progress)
-    report(0.0, "reading the DWI")
-    dwi = _read_dwi(args.dwi, args.bval, args.bvec)
-    settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab)
-    result = run_reconstruction(dwi, args.weights, settings, select_device(args.device), report)
-    report(0.97, "writing outputs")
-    written = write_outputs(result, args.out, probe_path=args.probe)
-    report(1.0, "done")
-    if bar is not None:
-        bar.close()
+    try:
+        report(0.0, "reading the DWI")
+        dwi = _read_dwi(args.dwi, args.bval, args.bvec)
+        settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab)
+        result = run_reconstruction(dwi, args.weights, settings, select_device(args.device), report)
+        report(0.97, "writing outputs")
+        written = write_outputs(result, args.out, probe_path=args.probe)
+        report(1.0, "done")
+    finally:  # an error message then starts on a line of its own
+        if bar is not None:
+            bar.close()
     return written
+
+
+def _check_reconstruct_args(args: argparse.Namespace) -> None:
+    """The ``reconstruct`` flags that can be checked before the DWI is read (the probe is small: read it now)."""
+    from .probes import load_probe
+
+    output_folder(args.out, "--out")
+    in_range(args.mask_ratio, "--mask-ratio", 0, 1)
+    in_range(args.volumes, "--volumes", 1)
+    in_range(args.seed, "--seed", 0)
+    in_range(args.slab, "--slab", 1)
+    if args.probe is not None:
+        load_probe(args.probe)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:

@@ -85,7 +85,7 @@ def load_dwi(path, bval=None, bvec=None) -> DWI:
     """
     path = Path(path)
     if not path.is_file():
-        raise DWIError(f"{path}: file not found")
+        raise DWIError(f"{path}: {'is a folder, not a DWI file' if path.is_dir() else 'file not found'}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dwi = _load(path, bval, bvec)

@@ -1,9 +1,12 @@
 """Reconstruct / predict: the engine behind ``python -m DRoPE reconstruct`` and the Slicer module.
 
 Pipeline: pick volumes -> preprocess (mask, b0 normalisation, whole patches) -> for each slab of ``slab``
-slices: mask a fraction of the patches of every volume (seeded), reconstruct all patches, read the encoder's
-attention and CLS latent on the unmasked slab -> back on the input grid -> DTI of the original and of the
-reconstruction -> outputs.
+slices: mask a fraction of the patches of every diffusion-weighted volume (seeded), reconstruct all patches, read
+the encoder's attention and CLS latent on the unmasked slab -> back on the input grid -> DTI of the original and of
+the reconstruction -> outputs.
+
+b0 volumes are the normalisation reference (the model input is signal / mean b0), not model tokens: they are never
+hidden and the reconstruction carries them over from the input.
 
 Slabs: the model is pretrained on slabs of a few slices (4 by default, the depth of one patch), so inference runs
 slab by slab, exactly as in training; this also bounds memory for any brain size and number of volumes. The
@@ -76,11 +79,12 @@ class Reconstruction:
     Attributes:
         dwi: the input restricted to the selected volumes.
         volume_index: (V,) indices of the selected volumes in the input file.
-        recon: (X, Y, Z, V) reconstructed signal (input units).
-        visible: (X, Y, Z, V) bool, True where the patch was shown to the encoder.
+        recon: (X, Y, Z, V) reconstructed signal (input units); b0 volumes are the input's.
+        visible: (X, Y, Z, V) bool, False where the patch was hidden from the encoder (b0 volumes: all True).
         mask: (X, Y, Z) bool brain mask.
         attention: (X, Y, Z) CLS -> patch attention of the last encoder block, averaged over volumes and heads.
-        diffusion_attention: (V, V) attention between volumes, averaged over patches, heads and slabs.
+        diffusion_attention: (W, W) attention between the W diffusion-weighted volumes (``weighted``), averaged over
+            patches, heads and slabs.
         latent: (D,) CLS latent of the scan.
         maps: DTI maps {"fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "v1"}, empty when DTI is
             impossible (fewer than 6 directions); MD in mm^2/s.
@@ -95,6 +99,7 @@ class Reconstruction:
     attention: np.ndarray
     diffusion_attention: np.ndarray
     latent: np.ndarray
+    weighted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     maps: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
@@ -108,7 +113,11 @@ def resolve_slab(settings: ReconstructSettings, meta: dict, patch_depth: int) ->
 
 
 def select_volumes(dwi: DWI, volumes: int | None, seed: int) -> tuple[DWI, np.ndarray]:
-    """The DWI restricted to ``volumes`` random volumes (holding a b0), or all of them."""
+    """The DWI restricted to ``volumes`` random volumes (holding a b0), or all of them (with a logged warning when
+    more are asked for than it has)."""
+    if volumes is not None and volumes > dwi.n_volumes:
+        n = dwi.n_volumes
+        log.warning("%d volumes asked for, but %s has %d: using all %d", volumes, dwi.source, n, n)
     if volumes is None or volumes >= dwi.n_volumes:
         return dwi, np.arange(dwi.n_volumes)
     index = pick_volumes(dwi.gtab, volumes, seed, include_b0=True)
@@ -153,6 +162,7 @@ def run_reconstruction(
     report(0.8, "back on the input grid")
     b0 = mean_b0(subset.data, subset.gtab)
     recon = prep.to_input(pred) * b0[..., None] * mask[..., None]
+    recon[..., subset.gtab.b0s_mask] = subset.data[..., subset.gtab.b0s_mask] * mask[..., None]
     result = Reconstruction(
         dwi=subset,
         volume_index=index,
@@ -162,6 +172,7 @@ def run_reconstruction(
         attention=prep.to_input(attention),
         diffusion_attention=diffusion,
         latent=latent,
+        weighted=weighted_volumes(prep),
     )
     report(0.85, "DTI of original and reconstruction")
     result.maps = dti_maps(subset, recon, mask)
@@ -170,17 +181,28 @@ def run_reconstruction(
     return result
 
 
+def weighted_volumes(prep: Preprocessed) -> np.ndarray:
+    """(W,) indices of the diffusion-weighted volumes, the model's tokens; raises ReconstructError if there is none."""
+    weighted = np.flatnonzero(~prep.gtab.b0s_mask)
+    if len(weighted) == 0:
+        raise ReconstructError(f"{prep.gtab.describe()}: no diffusion-weighted volume to give the model")
+    return weighted
+
+
 def slab_tensors(prep: Preprocessed, slab: int, device, z0: int) -> tuple[torch.Tensor, int]:
-    """x (1, V, X, Y, z1 - z0) of the slab of ``prep.signal`` starting at slice z0, and its brain-voxel count."""
+    """x (1, W, X, Y, z1 - z0): the diffusion-weighted volumes of the slab of ``prep.signal`` starting at slice z0,
+    and the slab's brain-voxel count."""
     z1 = min(prep.signal.shape[3], z0 + slab)
-    x = torch.as_tensor(prep.signal[..., z0:z1], device=device)[None]
+    x = torch.as_tensor(prep.signal[weighted_volumes(prep), :, :, z0:z1], device=device)[None]
     return x, int(prep.mask[:, :, z0:z1].sum())
 
 
 def protocol_tensors(prep: Preprocessed, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's protocol inputs for one scan: bvals (1, V) and bvecs (1, V, 3), float32 on ``device``."""
-    bvals = torch.as_tensor(prep.gtab.bvals, dtype=torch.float32, device=device)[None]
-    bvecs = torch.as_tensor(prep.gtab.bvecs, dtype=torch.float32, device=device)[None]
+    """The model's protocol inputs for one scan: bvals (1, W) and bvecs (1, W, 3) of the diffusion-weighted
+    volumes, float32 on ``device``."""
+    weighted = weighted_volumes(prep)
+    bvals = torch.as_tensor(prep.gtab.bvals[weighted], dtype=torch.float32, device=device)[None]
+    bvecs = torch.as_tensor(prep.gtab.bvecs[weighted], dtype=torch.float32, device=device)[None]
     return bvals, bvecs
 
 
@@ -207,17 +229,19 @@ def scan_latent(model, prep: Preprocessed, slab: int, device="cpu", *, grad: boo
 def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, report: Progress):
     """Run the model slab by slab on the model grid.
 
-    Returns pred (V, X, Y, Z) normalised signal, visible (V, X, Y, Z) bool, attention (X, Y, Z),
-    diffusion (V, V), latent (D,).
+    Returns pred (V, X, Y, Z) normalised signal (b0 volumes: the input), visible (V, X, Y, Z) bool (b0: True),
+    attention (X, Y, Z), diffusion (W, W) between the weighted volumes, latent (D,).
     """
-    V, X, Y, Z = prep.signal.shape
+    _, X, Y, Z = prep.signal.shape
+    weighted = weighted_volumes(prep)
+    W = len(weighted)
     patch = model.config.patch_size
     bvals, bvecs = protocol_tensors(prep, device)
     generator = torch.Generator().manual_seed(settings.seed)
-    pred = np.zeros((V, X, Y, Z), dtype=np.float32)
-    visible = np.zeros((V, X, Y, Z), dtype=bool)
+    pred = np.array(prep.signal, dtype=np.float32)  # b0 volumes stay as they are
+    visible = np.ones(prep.signal.shape, dtype=bool)
     attention = np.zeros((X, Y, Z), dtype=np.float32)
-    diffusion = np.zeros((V, V), dtype=np.float64)
+    diffusion = np.zeros((W, W), dtype=np.float64)
     weight_total = 0
     starts = range(0, Z, slab)
     for n, z0 in enumerate(starts):
@@ -227,11 +251,10 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
         P = math.prod(s // p for s, p in zip(grid, patch))
         keep = None
         if settings.mask_ratio > 0:
-            keep = fixed_ratio_spatial_mask(1, V, P, settings.mask_ratio, generator=generator).to(device)
-        keep_voxels = torch.ones(1, V, *grid, dtype=torch.bool) if keep is None else patch_map_to_voxels(keep, grid, patch)
-        visible[..., z0:z1] = keep_voxels[0].cpu().numpy()
+            keep = fixed_ratio_spatial_mask(1, W, P, settings.mask_ratio, generator=generator).to(device)
+            visible[weighted, :, :, z0:z1] = patch_map_to_voxels(keep, grid, patch)[0].cpu().numpy()
         if brain:
-            pred[..., z0:z1] = model.reconstruct(x, bvals, bvecs, keep)[0].float().cpu().numpy()
+            pred[weighted, :, :, z0:z1] = model.reconstruct(x, bvals, bvecs, keep)[0].float().cpu().numpy()
             maps = model.attention_maps(x, bvals, bvecs)
             attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
             diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
@@ -319,6 +342,7 @@ def _mean(values: np.ndarray, where: np.ndarray) -> float | None:
 OUTPUT_FILES = (
     "reconstruction.nii.gz",
     "attention.nii.gz",
+    "hidden.nii.gz",
     "diffusion_attention.csv",
     "diffusion_attention.png",
     "latent.npy",
@@ -363,6 +387,7 @@ def _write_staged(result: Reconstruction, stage: Path, probe_path) -> list[Path]
         if name in result.maps:
             written.append(save_scalar_nifti(dwi.to_input_grid(result.maps[name]), dwi.grid.affine, stage / f"{name}.nii.gz"))
     written.append(save_scalar_nifti(dwi.to_input_grid(result.attention), dwi.grid.affine, stage / "attention.nii.gz"))
+    written.append(save_scalar_nifti(dwi.to_input_grid(~result.visible), dwi.grid.affine, stage / "hidden.nii.gz"))
     written += _write_diffusion_attention(result, stage)
     np.save(stage / "latent.npy", result.latent)
     written.append(stage / "latent.npy")
@@ -386,7 +411,7 @@ def _write_diffusion_attention(result: Reconstruction, stage: Path) -> list[Path
     import matplotlib.pyplot as plt
 
     gtab = result.dwi.gtab
-    labels = [f"v{i}_b{b:g}" for i, b in zip(result.volume_index, gtab.shell_bvals)]
+    labels = [f"v{result.volume_index[i]}_b{gtab.shell_bvals[i]:g}" for i in result.weighted]
     csv = stage / "diffusion_attention.csv"
     rows = ["query\\key," + ",".join(labels)]
     rows += [label + "," + ",".join(f"{w:.6g}" for w in row) for label, row in zip(labels, result.diffusion_attention)]

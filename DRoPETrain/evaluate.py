@@ -32,14 +32,17 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import numpy as np
 
 from DRoPE import __version__
+from DRoPE.arguments import in_range, output_folder
 from DRoPE.device import select_device
 from DRoPE.evaluation import atlas, report
-from DRoPE.evaluation.engine import evaluate_reconstruction, fid_slice_index, take_slices
+from DRoPE.baselines import BASELINES
+from DRoPE.evaluation.engine import evaluate_baselines, evaluate_reconstruction, fid_slice_index, take_slices
 from DRoPE.evaluation.features import FID_LABEL, SliceFeatureExtractor
 from DRoPE.evaluation.metrics import frechet_distance_features
 from DRoPE.io import input_files, load_dwi, save_scalar_nifti
-from DRoPE.probing.extract import find_inputs, subject_ids
+from DRoPE.probing.extract import subject_ids
 from DRoPE.reconstruct import ReconstructSettings
+from DRoPE.training.data import find_dwis
 
 log = logging.getLogger("drope.evaluate")
 
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--fid-slices", type=int, default=64,
                          help="axial slices per subject and DW shell fed to the CNN for the FID (0 = no FID)")
     metrics.add_argument("--no-tracts", action="store_true", help="skip the atlas registration and per-tract errors")
+    metrics.add_argument("--no-baselines", action="store_true",
+                         help="skip the baselines (shell mean, angular shell mean, DTI of visible volumes) measured on "
+                         "the same hidden patches")
     run = parser.add_argument_group("runtime")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -114,7 +120,11 @@ def run(args) -> int:
         raise EvaluationError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.fid_slices < 0:
         raise EvaluationError(f"--fid-slices must be >= 0, got {args.fid_slices}")
-    paths = find_inputs(args.data)
+    output_folder(args.out, "--out")
+    in_range(args.volumes, "--volumes", 1)
+    in_range(args.seed, "--seed", 0)
+    in_range(args.slab, "--slab", 1)
+    paths = find_dwis(args.data)
     subjects = subject_ids(paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +137,9 @@ def run(args) -> int:
         log.warning(notes[-1])
     extractor = SliceFeatureExtractor(device) if args.fid_slices else None
 
+    methods = names + ([] if args.no_baselines else list(BASELINES))
     signal_rows, dti_rows, tract_rows, digests = [], [], [], {}
-    fid_features: dict[str, dict[str, dict[str, list]]] = {name: {} for name in names}
+    fid_features: dict[str, dict[str, dict[str, list]]] = {name: {} for name in methods}
     started = time.perf_counter()
     for path, subject in zip(paths, subjects):
         dwi = load_dwi(path)
@@ -141,22 +152,34 @@ def run(args) -> int:
                 _cache[key] = atlas.subject_tracts(fa, affine, mask, seed=args.seed)
             return _cache[key]
 
-        for checkpoint, name in zip(checkpoints, names):
-            t0 = time.perf_counter()
-            res = evaluate_reconstruction(dwi, checkpoint, settings, subject=subject, model=name, device=device,
-                                          tracts=tracts if use_tracts else None)
+        def measured(subject=subject, tracts=tracts):
+            """(name, SubjectResult, seconds) of each checkpoint, then of each baseline on the first one's masks."""
+            for checkpoint, name in zip(checkpoints, names):
+                t0 = time.perf_counter()
+                res = evaluate_reconstruction(dwi, checkpoint, settings, subject=subject, model=name, device=device,
+                                              tracts=tracts if use_tracts else None)
+                if name == names[0]:
+                    first = res
+                yield name, res, time.perf_counter() - t0
+            if not args.no_baselines:
+                t0 = time.perf_counter()
+                for res in evaluate_baselines(first.reconstruction, subject=subject,
+                                              tracts=tracts if use_tracts else None):
+                    yield res.model, res, time.perf_counter() - t0
+
+        for name, res, seconds in measured():
             signal_rows += res.shells
             dti_rows.append({"subject": subject, "model": name, **res.dti})
             tract_rows += res.tracts
             digests.setdefault(subject, {})[name] = res.mask_digest
             notes += [f"{subject} / {name}: {n}" for n in res.notes]
-            _write_subject_outputs(res, out / "subjects" / subject / name)
+            _write_subject_outputs(res, out / "subjects" / subject / name.replace(" ", "_"))
             if extractor is not None:
                 _collect_fid(res, extractor, fid_features[name], args.fid_slices, args.seed, original_features)
             dw = next((r for r in res.shells if r["shell"] == "dw"), res.shells[-1])
             print(f"{subject} [{name}]: PSNR masked {report.fmt(dw['psnr_masked'], None, 2)} dB, SSIM masked "
                   f"{report.fmt(dw['ssim_masked'])}, FA error WM {report.fmt(res.dti.get('fa_mae_wm'))} "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                  f"({seconds:.1f} s)", flush=True)
 
     fid = {name: _fid_table(shells) for name, shells in fid_features.items()}
     same_masks = all(len(set(d.values())) == 1 for d in digests.values())
@@ -185,7 +208,7 @@ def run(args) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     _write_tables(results, out)
-    if len(names) > 1:
+    if len(methods) > 1:
         text = _comparison(results, out)
         print(text)
     print(f"wrote {out / 'report.md'}")

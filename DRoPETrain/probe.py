@@ -35,20 +35,23 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import numpy as np
 
 from DRoPE import __version__
+from DRoPE.arguments import in_range, output_file, output_folder
 from DRoPE.atomic import atomic_path
 from DRoPE.device import select_device
 from DRoPE.evaluation.report import write_csv, write_json
 from DRoPE.overview import save_figure
 from DRoPE.probes import save_probe
 from DRoPE.probing import crossval, figures
-from DRoPE.probing.extract import extract_latents, find_inputs, subject_ids
+from DRoPE.probing.extract import extract_latents, subject_ids
 from DRoPE.probing.finetune import FinetuneConfig, finetune_fold
 from DRoPE.probing.metrics import aggregate
 from DRoPE.probing.probes import fit_linear
 from DRoPE.probing.splits import PAPER_RATIOS, load_splits, make_splits, save_splits
+from DRoPE.training.data import find_dwis
 
 log = logging.getLogger("drope.probe")
 N_FOLDS = 5
+MIN_SUBJECTS = 4  # the fewest that leave each made fold two training subjects and one validation and test subject
 
 
 class ProbeCLIError(ValueError):
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _label_args(ft)
     ft.add_argument("--checkpoint", required=True, help="pretrained checkpoint")
-    ft.add_argument("--data", required=True, help="a folder of DWIs (recursive) or a text list")
+    ft.add_argument("--data", required=True, help="a DWI file, a folder of DWIs (recursive) or a text list")
     ft.add_argument("--out", required=True, help="output folder (result.json, log.csv, predictions.csv)")
     ft.add_argument("--fold", type=int, default=None, help="run only this fold (default: all)")
     ft.add_argument("--epochs", type=int, default=50)
@@ -146,7 +149,12 @@ def cmd_extract(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ProbeCLIError(f"{out}: --out must end with .npz")
-    paths = find_inputs(args.data)
+    output_file(out, "--out")
+    in_range(args.draws, "--draws", 1)
+    in_range(args.volumes, "--volumes", 1)
+    in_range(args.slab, "--slab", 1)
+    in_range(args.seed, "--seed", 0)
+    paths = find_dwis(args.data)
     volumes = None if args.all_volumes else args.volumes
     latents, info = extract_latents(paths, args.checkpoint, draws=args.draws, volumes=volumes, seed=args.seed,
                                     device=select_device(args.device), slab=args.slab, progress=print)
@@ -169,15 +177,31 @@ def _folds(splits_path, features: dict, labels: dict, out: Path, *, task: str, s
     """The folds (from ``splits_path``, or made and saved as splits.json next to ``out``) and the splits' source."""
     if splits_path:
         return load_splits(splits_path), str(splits_path)
-    ids = [s for s in features if s in labels and not crossval.is_missing(labels[s])]
-    if not ids:
-        raise ProbeCLIError(f"{labels_path}: no subject has both features and a label")
+    ids = _labelled_ids(features, labels, features_path, labels_path)
     data = crossval.build_data(features, labels, ids, task, features_path=features_path, labels_path=labels_path)
     values = [data.classes[i] for i in data.y] if data.classes else data.y
     splits = make_splits(data.ids, values, task, ratios=PAPER_RATIOS[split_ratio], n_folds=N_FOLDS, seed=seed)
     path = save_splits(splits, out.parent / "splits.json")
     print(f"wrote {path}")
     return splits["folds"], str(path)
+
+
+def _labelled_ids(features: dict, labels: dict, features_path, labels_path) -> list[str]:
+    """Ids with features and a label; when fewer than MIN_SUBJECTS, raise naming the ids each file lacks."""
+    ids = [s for s in features if s in labels and not crossval.is_missing(labels[s])]
+    if len(ids) < MIN_SUBJECTS:
+        unlabelled = [s for s in features if s not in ids]
+        featureless = [s for s in labels if s not in features]
+        raise ProbeCLIError(
+            f"only {len(ids)} subject(s) have both features and a label, a probe needs {MIN_SUBJECTS}: "
+            f"{_some(unlabelled)} in {features_path} have no label in {labels_path}; "
+            f"{_some(featureless)} in {labels_path} have no features in {features_path}"
+        )
+    return ids
+
+
+def _some(ids: list[str]) -> str:
+    return f"{len(ids)} ids {ids[:10]}{' ...' if len(ids) > 10 else ''}"
 
 
 def _prepare(args, features_path: str, out: Path):
@@ -206,6 +230,10 @@ def _alpha(text):
 
 def cmd_fit(args) -> int:
     out = Path(args.out)
+    output_file(out, "--out")
+    if args.save_probe:
+        output_file(args.save_probe, "--save-probe")
+    in_range(args.seed, "--seed", 0)
     if args.save_probe and args.probe != "linear":
         raise ProbeCLIError("--save-probe writes the linear probe format; use it with --probe linear")
     alpha = _alpha(args.alpha)
@@ -265,6 +293,8 @@ def _print_summary(payload: dict) -> None:
 
 def cmd_invariance(args) -> int:
     out = Path(args.out)
+    output_file(out, "--out")
+    in_range(args.seed, "--seed", 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     folds, splits_source, data = _prepare(args, args.train_features, out)
     labels = crossval.load_labels(args.labels, args.target)
@@ -294,10 +324,25 @@ def cmd_invariance(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_finetune_args(args) -> None:
+    output_folder(args.out, "--out")
+    in_range(args.seed, "--seed", 0)
+    in_range(args.epochs, "--epochs", 1)
+    in_range(args.batch_size, "--batch-size", 1)
+    in_range(args.lr, "--lr", 0)
+    in_range(args.final_lr, "--final-lr", 0)
+    in_range(args.weight_decay, "--weight-decay", 0)
+    in_range(args.volumes, "--volumes", 1)
+    in_range(args.lora_rank, "--lora-rank", 1)
+    in_range(args.lora_alpha, "--lora-alpha", 1)
+    in_range(args.slab, "--slab", 1)
+
+
 def cmd_finetune(args) -> int:
+    _check_finetune_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = find_inputs(args.data)
+    paths = find_dwis(args.data)
     ids = subject_ids(paths)
     labels = crossval.load_labels(args.labels, args.target)
     placeholder = {sid: np.zeros((1, 1)) for sid in ids}  # folds and labels are checked like the probe's

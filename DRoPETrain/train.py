@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import torch
 
 import DRoPE
+from DRoPE.arguments import in_range, output_folder
 from DRoPE.atomic import atomic_path
 from DRoPE.gradients import DWIError
 from DRoPE.training import data as tdata
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     io = parser.add_argument_group("data and outputs")
-    io.add_argument("--data", required=True, help="folder of DWIs (NIfTI + .bval/.bvec or NRRD, searched recursively) "
-                    "or a text file listing them, one path per line relative to the file")
+    io.add_argument("--data", required=True, help="a DWI file, a folder of DWIs (NIfTI + .bval/.bvec or NRRD, searched "
+                    "recursively) or a text file listing them, one path per line relative to the file")
     io.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, model.safetensors, loss_curve.png)")
     io.add_argument("--cache", default=None, help="preprocessing cache folder (default: OUT/cache); shareable between runs")
     io.add_argument("--holdout", default=None, help="text file of subjects to leave out (paths relative to it, or "
@@ -134,8 +135,6 @@ def _resolve_config(args, run_dir: Path):
     """The run's TrainConfig: --config (default paper), or on --resume the checkpoint's (which a given --config must match)."""
     requested = load_config(args.config)
     if args.epochs is not None:
-        if args.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
         requested = requested.with_epochs(args.epochs)
     if args.seed is not None:
         requested = replace(requested, seed=args.seed)
@@ -206,7 +205,19 @@ def _masking(strategy_name: str, epoch: int):
     return strategy, make_keep
 
 
+def _check_args(args) -> None:
+    """The flags that can be checked before anything is read."""
+    output_folder(args.out, "--out")
+    if args.cache:
+        output_folder(args.cache, "--cache")
+    in_range(args.epochs, "--epochs", 1)
+    in_range(args.seed, "--seed", 0)
+    in_range(args.workers, "--workers", 0)
+    in_range(args.threads, "--threads", 1)
+
+
 def _train(args, dist) -> int:
+    _check_args(args)
     run_dir = Path(args.out)
     if not args.resume and has_checkpoint(run_dir):
         raise CheckpointError(

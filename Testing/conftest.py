@@ -1,4 +1,8 @@
-"""Shared fixtures: paths to the real shared data and the bundled sample."""
+"""Shared fixtures: the in-repository real-data crops (Testing/Data), the bundled sample and the shared data.
+
+Tests that need ../shared/data (whole scans, the corpus) are marked ``corpus`` and skip without it, unless
+DROPE_REQUIRE_SHARED=1 (set by .ci/run), which turns that skip into a failure.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "Resources" / "Sample"
+CROPS_DIR = REPO_ROOT / "Testing" / "Data"
 
 
 def _shared_data_dir() -> Path:
@@ -35,8 +40,16 @@ REAL_BRAINS = [
 def shared_data() -> Path:
     """The read-only shared data folder (../shared/data beside the repository, or $DROPE_SHARED_DATA)."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; set DROPE_SHARED_DATA")
+        if os.environ.get("DROPE_REQUIRE_SHARED") == "1":
+            pytest.fail(f"shared data not found at {SHARED_DATA} (DROPE_REQUIRE_SHARED=1); set DROPE_SHARED_DATA")
+        pytest.skip("needs ../shared/data (set DROPE_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def crops() -> Path:
+    """Testing/Data: small real crops with the folder names of the shared data (see make_test_data.py there)."""
+    return CROPS_DIR
 
 
 @pytest.fixture(scope="session")

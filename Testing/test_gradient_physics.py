@@ -2,8 +2,9 @@
 
 The corpus callosum (mid-sagittal, above the ventricles) runs left-right, so world-space V1 there has a large
 |x| component. The same world V1 must come out whatever the file layout: NIfTI, both NRRD layouts, a round
-trip through the writers, and the same scan stored with permuted/flipped axes. DTI is fitted with DIPY directly
-(TensorModel, WLS) on small ROIs only, to keep the run short.
+trip through the writers, and the same scan stored with permuted/flipped axes. The scans are the in-repository
+crops of Testing/Data, each centred on the corpus-callosum body (see make_test_data.py there). DTI is fitted with
+DIPY directly (TensorModel, WLS) on small ROIs only, to keep the run short.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from DRoPE.gradients import DWIWarning
 from DRoPE.io import load_dwi, save_nifti, save_nrrd
 
 CC_MIN_ABS_X = 0.8
+CC_HALF_MM = np.array([4.0, 20.0, 8.0])  # corpus-callosum ROI: world box around the crop centre (x, y, z)
 SAME_V1_COS = 0.9999  # identical voxels and gradient tables must give the same V1
 
 # (permutation of the spatial axes, new axes to flip) for crafted on-disk layouts; comments give the det sign
@@ -41,7 +43,7 @@ def _quiet_dwi_warnings():
 
 
 @pytest.fixture(scope="module")
-def brains(shared_data):
+def brains(crops):
     """name -> (DWI, canonical brain mask (X, Y, Z) bool), loaded once per module."""
     cache = {}
 
@@ -49,8 +51,8 @@ def brains(shared_data):
         if name not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DWIWarning)
-                dwi = load_dwi(shared_data / name / "dwi.nii.gz")
-            mask_img = nib.as_closest_canonical(nib.load(shared_data / name / "brain_mask.nii.gz"))
+                dwi = load_dwi(crops / name / "dwi.nii.gz")
+            mask_img = nib.as_closest_canonical(nib.load(crops / name / "brain_mask.nii.gz"))
             np.testing.assert_allclose(mask_img.affine, dwi.affine, atol=1e-4)
             cache[name] = (dwi, np.asarray(mask_img.dataobj) > 0)
         return cache[name]
@@ -64,18 +66,11 @@ def world_coords(affine, ijk):
 
 
 def cc_roi(mask, affine):
-    """Corpus-callosum ROI: mask voxels within 4 mm of the mask's median world x (mid-sagittal), in the middle
-    30 % of its y extent and at 55-75 % of its z extent (above the ventricles). mask: (X, Y, Z) bool."""
+    """Corpus-callosum ROI: mask voxels within CC_HALF_MM (world x, y, z) of the centre of the crop, which is the
+    corpus-callosum body on the mid-sagittal plane. mask: (X, Y, Z) bool."""
     ijk = np.argwhere(mask)
-    xyz = world_coords(affine, ijk)
-    frac = (xyz - xyz.min(axis=0)) / np.ptp(xyz, axis=0)
-    keep = (
-        (np.abs(xyz[:, 0] - np.median(xyz[:, 0])) <= 4.0)
-        & (frac[:, 1] >= 0.35)
-        & (frac[:, 1] <= 0.65)
-        & (frac[:, 2] >= 0.55)
-        & (frac[:, 2] <= 0.75)
-    )
+    centre = world_coords(affine, (np.array(mask.shape) - 1) / 2)
+    keep = np.all(np.abs(world_coords(affine, ijk) - centre) <= CC_HALF_MM, axis=1)
     roi = np.zeros_like(mask)
     roi[tuple(ijk[keep].T)] = True
     return roi
@@ -117,14 +112,14 @@ def test_cc_check_rejects_swapped_axes(brains):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# NRRD input (both shared layouts) and round trips give the same world V1 as the NIfTI
+# NRRD input (both layouts) and round trips give the same world V1 as the NIfTI
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_slicer_nrrd_same_world_v1(brains, shared_data):
+def test_slicer_nrrd_same_world_v1(brains, crops):
     nifti, mask = brains("canon_oblique_all20d")
     roi = cc_roi(mask, nifti.affine)
-    dwi = load_dwi(shared_data / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd")
+    dwi = load_dwi(crops / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd")
     np.testing.assert_array_equal(dwi.data, nifti.data)
     fa, v1_nifti = fit_world_v1(nifti, roi)
     _, v1_nrrd = fit_world_v1(dwi, roi)
@@ -132,15 +127,16 @@ def test_slicer_nrrd_same_world_v1(brains, shared_data):
     assert cc_abs_x(dwi, roi) > CC_MIN_ABS_X
 
 
-def test_dwiconvert_slab_nrrd_same_world_v1(brains, shared_data):
-    """LPS, list axis last, identity measurement frame, NIfTI slices k = 14..25 (on-disk grid)."""
+def test_dwiconvert_slab_nrrd_same_world_v1(brains, crops):
+    """LPS, list axis last, identity measurement frame, the first on-disk slices of the NIfTI crop."""
     nifti, mask = brains("canon_oblique_all20d")
-    slab = load_dwi(shared_data / "nrrd_slicer_dwi" / "canon_oblique_dwi_slab_dwiconvert_style.nrrd")
-    on_disk = nifti.to_input_grid(nifti.data)[:, :, 14:26]
+    slab = load_dwi(crops / "nrrd_slicer_dwi" / "canon_oblique_dwi_slab_dwiconvert_style.nrrd")
+    n_slices = slab.grid.shape[2]
+    on_disk = nifti.to_input_grid(nifti.data)[:, :, :n_slices]
     np.testing.assert_array_equal(slab.to_input_grid(slab.data), on_disk)
-    slab_mask = slab.grid.to_canonical(nifti.to_input_grid(mask)[:, :, 14:26])
+    slab_mask = slab.grid.to_canonical(nifti.to_input_grid(mask)[:, :, :n_slices])
     in_slab = np.zeros(nifti.grid.shape, bool)
-    in_slab[:, :, 14:26] = True
+    in_slab[:, :, :n_slices] = True
     nifti_roi = nifti.grid.to_canonical(in_slab) & mask
     fa, v1_nifti = fit_world_v1(nifti, nifti_roi)
     _, v1_slab = fit_world_v1(slab, slab_mask)
@@ -151,10 +147,10 @@ def test_dwiconvert_slab_nrrd_same_world_v1(brains, shared_data):
     assert v1_agreement(fa, v1_nifti, v1_slab) > SAME_V1_COS
 
 
-def test_nrrd_check_rejects_ignored_measurement_frame(brains, shared_data, tmp_path):
+def test_nrrd_check_rejects_ignored_measurement_frame(brains, crops, tmp_path):
     """Negative control: the Slicer NRRD with its measurement frame replaced by identity gives other V1s."""
     nifti, mask = brains("canon_oblique_all20d")
-    data, header = nrrd.read(str(shared_data / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd"), index_order="F")
+    data, header = nrrd.read(str(crops / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd"), index_order="F")
     header["measurement frame"] = np.eye(3)
     nrrd.write(str(tmp_path / "no_frame.nrrd"), data, header, index_order="F")
     wrong = load_dwi(tmp_path / "no_frame.nrrd")
@@ -217,24 +213,24 @@ def write_fsl(folder, name, array, affine, bvals, bvec_table):
     return image
 
 
-def original_world_bvecs(shared_data, name):
-    """World RAS unit b-vectors straight from the shared FSL files (the source affine has det < 0: no flip)."""
-    img = nib.load(shared_data / name / "dwi.nii.gz")
+def original_world_bvecs(crops, name):
+    """World RAS unit b-vectors straight from the FSL files (the source affine has det < 0: no flip)."""
+    img = nib.load(crops / name / "dwi.nii.gz")
     assert np.linalg.det(img.affine[:3, :3]) < 0
     rotation = img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0)
-    bvecs = np.loadtxt(shared_data / name / "dwi.bvec").T
+    bvecs = np.loadtxt(crops / name / "dwi.bvec").T
     norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
     unit = np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
     return img, unit @ rotation.T
 
 
 @pytest.mark.parametrize(("perm", "flips"), LAYOUTS)
-def test_permuted_flipped_layout_same_world_v1(brains, shared_data, tmp_path, perm, flips):
+def test_permuted_flipped_layout_same_world_v1(brains, crops, tmp_path, perm, flips):
     name = "canon_oblique_all20d"
     dwi, mask = brains(name)
-    img, world = original_world_bvecs(shared_data, name)
+    img, world = original_world_bvecs(crops, name)
     array, affine = reorder_on_disk(np.asarray(img.dataobj), img.affine, perm, flips)
-    bvals = np.loadtxt(shared_data / name / "dwi.bval")
+    bvals = np.loadtxt(crops / name / "dwi.bval")
     crafted = load_dwi(write_fsl(tmp_path, "crafted", array, affine, bvals, fsl_bvecs_for(affine, world)))
     np.testing.assert_array_equal(crafted.data, dwi.data)
     np.testing.assert_allclose(crafted.affine, dwi.affine, atol=1e-4)
@@ -245,16 +241,16 @@ def test_permuted_flipped_layout_same_world_v1(brains, shared_data, tmp_path, pe
     assert cc_abs_x(crafted, roi) > CC_MIN_ABS_X
 
 
-def test_layout_check_rejects_missing_fsl_flip(brains, shared_data, tmp_path):
+def test_layout_check_rejects_missing_fsl_flip(brains, crops, tmp_path):
     """Negative control: a det > 0 layout whose bvecs lack the FSL x flip gives other V1s."""
     name = "canon_oblique_all20d"
     dwi, mask = brains(name)
-    img, world = original_world_bvecs(shared_data, name)
+    img, world = original_world_bvecs(crops, name)
     array, affine = reorder_on_disk(np.asarray(img.dataobj), img.affine, (1, 0, 2), ())
     assert np.linalg.det(affine[:3, :3]) > 0
     table = fsl_bvecs_for(affine, world)
     table[0] *= -1  # undo the flip: vectors now in the plain voxel frame
-    bvals = np.loadtxt(shared_data / name / "dwi.bval")
+    bvals = np.loadtxt(crops / name / "dwi.bval")
     wrong = load_dwi(write_fsl(tmp_path, "noflip", array, affine, bvals, table))
     roi = cc_roi(mask, dwi.affine)
     fa, v1 = fit_world_v1(dwi, roi)
@@ -282,7 +278,7 @@ def oblique_vs_ortho_cos(oblique, oblique_mask, ortho, ortho_mask):
     fa_ortho, v1_ortho = fit_world_v1(ortho, ortho_roi)  # rows in np.argwhere order, same as ijk
     fa_obl, v1_obl = fit_world_tensor_at(oblique, near)
     good = (fa_ortho > 0.3) & (fa_obl > 0.3)
-    assert good.sum() > 5000
+    assert good.sum() > 5000  # crops: 6027 voxels
     return float(np.median(np.abs(np.sum(v1_ortho[good] * v1_obl[good], axis=1))))
 
 
@@ -296,8 +292,8 @@ def fit_world_tensor_at(dwi, ijk):
 def test_oblique_and_ortho_twins_agree_in_world_space(brains):
     oblique, oblique_mask = brains("canon_oblique_all20d")
     ortho, ortho_mask = brains("canon_ortho_same_session")
-    assert oblique_vs_ortho_cos(oblique, oblique_mask, ortho, ortho_mask) >= 0.9  # reference 0.954
-    # Negative control: the FSL b-vectors taken as world vectors must fail (reference 0.636).
+    assert oblique_vs_ortho_cos(oblique, oblique_mask, ortho, ortho_mask) >= 0.9  # crops 0.966 (whole scans 0.954)
+    # Negative control: the FSL b-vectors taken as world vectors must fail (crops 0.651, whole scans 0.636).
     # Canonical v = P @ bvec, so world = bvec needs v' with rotation @ v' = P^T v.
     as_world = oblique.gtab.transformed(oblique.rotation.T @ oblique.grid.voxel_to_canonical.T)
     wrong = type(oblique)(oblique.data, oblique.affine, as_world, oblique.grid, oblique.source)

@@ -409,8 +409,8 @@ def test_select_device():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_slab(shared_data):
-    folder = shared_data / "canon_oblique_all20d"
+def load_slab(sample_dir):
+    folder = sample_dir  # the bundled Canon oblique scan
     dwi = nib.load(folder / "dwi.nii.gz").get_fdata(dtype=np.float32)  # (80, 80, 40, 13)
     bvals = np.loadtxt(folder / "dwi.bval")
     bvecs = np.loadtxt(folder / "dwi.bvec").T
@@ -425,8 +425,9 @@ def load_slab(shared_data):
     return x, torch.tensor(bvals, dtype=torch.float32)[None], torch.tensor(bvecs, dtype=torch.float32)[None]
 
 
-def test_training_reduces_masked_loss(shared_data):
-    x, bvals, bvecs = load_slab(shared_data)
+@pytest.mark.slow
+def test_training_reduces_masked_loss(sample_dir):
+    x, bvals, bvecs = load_slab(sample_dir)
     assert x.shape == (1, 13, 32, 32, 8) and 0.2 < float(x.mean()) < 1.0
     model = make_model(seed=0, conv_channels=4)  # a lighter conv head: 3-D convs with few channels are slow on CPU
     P_slab = 4 * 4 * 2

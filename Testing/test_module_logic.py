@@ -23,7 +23,6 @@ sys.path.insert(0, str(REPO_ROOT / "DRoPEModule"))
 from DRoPEModuleLib import dependencies, paths, process  # noqa: E402
 
 FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
-NRRD_DWI = ("nrrd_slicer_dwi", "canon_oblique_dwi.nrrd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,8 +335,8 @@ def crop_node(scene, mrml_io, source, name, box=(slice(14, 22), slice(30, 46), s
                                    arrays.gradients[select], arrays.measurement_frame)
 
 
-def test_read_dwi_nrrd_matches_pynrrd(scene, mrml_io, shared_data):
-    path = shared_data.joinpath(*NRRD_DWI)
+def test_read_dwi_nrrd_matches_pynrrd(scene, mrml_io, sample_dir):
+    path = sample_dir / "dwi.nrrd"
     node = mrml_io.read_dwi_nrrd(scene, path)
     data, ijk, bvals, world = read_nrrd_reference(path)
     node_world, arrays = node_world_gradients(mrml_io, node)
@@ -349,8 +348,8 @@ def test_read_dwi_nrrd_matches_pynrrd(scene, mrml_io, shared_data):
     assert set(np.round(arrays.bvalues)) == {0.0, 1500.0}
 
 
-def test_export_and_reread_keeps_everything(scene, mrml_io, shared_data, tmp_path):
-    node = mrml_io.read_dwi_nrrd(scene, shared_data.joinpath(*NRRD_DWI))
+def test_export_and_reread_keeps_everything(scene, mrml_io, sample_dir, tmp_path):
+    node = mrml_io.read_dwi_nrrd(scene, sample_dir / "dwi.nrrd")
     path = mrml_io.export_dwi(node, tmp_path)
     assert path == tmp_path / "input_dwi.nrrd" and "DWMRI_b-value" in mrml_io.nrrd_header_keys(path)
     again = mrml_io.read_dwi_nrrd(scene, path)
@@ -362,9 +361,9 @@ def test_export_and_reread_keeps_everything(scene, mrml_io, shared_data, tmp_pat
     np.testing.assert_allclose(after.bvalues, before.bvalues, atol=1e-6)
 
 
-def test_slicer_writer_drops_dwi_keys_below_7_volumes(scene, mrml_io, slicer_mod, shared_data, tmp_path):
+def test_slicer_writer_drops_dwi_keys_below_7_volumes(scene, mrml_io, slicer_mod, sample_dir, tmp_path):
     """Why export_dwi has its own writer: Slicer's NRRD writer silently loses the gradients of small DWIs."""
-    source = mrml_io.read_dwi_nrrd(scene, shared_data.joinpath(*NRRD_DWI))
+    source = mrml_io.read_dwi_nrrd(scene, sample_dir / "dwi.nrrd")
     small = crop_node(scene, mrml_io, source, "small", volumes=6)
     storage = slicer_mod.vtkMRMLNRRDStorageNode()
     storage.SetFileName(str(tmp_path / "slicer.nrrd"))
@@ -373,8 +372,8 @@ def test_slicer_writer_drops_dwi_keys_below_7_volumes(scene, mrml_io, slicer_mod
 
 
 @pytest.mark.parametrize("n_volumes", [2, 3, 4, 6, 7])
-def test_export_few_volumes_keeps_gradient_table(scene, mrml_io, shared_data, tmp_path, n_volumes):
-    source = mrml_io.read_dwi_nrrd(scene, shared_data.joinpath(*NRRD_DWI))
+def test_export_few_volumes_keeps_gradient_table(scene, mrml_io, sample_dir, tmp_path, n_volumes):
+    source = mrml_io.read_dwi_nrrd(scene, sample_dir / "dwi.nrrd")
     small = crop_node(scene, mrml_io, source, "small", volumes=n_volumes)
     path = mrml_io.export_dwi(small, tmp_path)
     keys = mrml_io.nrrd_header_keys(path)
@@ -515,14 +514,14 @@ def run_engine(command, env, timeout=300):
     return rec
 
 
-def test_fake_run_outputs_load_on_the_input_grid(colored_scene, mrml_io, shared_data, tmp_path):
+def test_fake_run_outputs_load_on_the_input_grid(colored_scene, mrml_io, sample_dir, tmp_path):
     pytest.importorskip("DRoPE.io")
     import nibabel as nib
 
     from DRoPEModuleLib import results as results_lib
 
     scene = colored_scene
-    source = mrml_io.read_dwi_nrrd(scene, shared_data.joinpath(*NRRD_DWI))
+    source = mrml_io.read_dwi_nrrd(scene, sample_dir / "dwi.nrrd")
     node = crop_node(scene, mrml_io, source, "crop")
     probe = tmp_path / "probe.json"
     probe.write_text("{}")
@@ -631,7 +630,7 @@ def test_real_engine_reports_bad_input_as_one_message(real_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_reconstruct_with_a_tiny_checkpoint(real_cli, colored_scene, mrml_io, shared_data, tmp_path):
+def test_reconstruct_with_a_tiny_checkpoint(real_cli, colored_scene, mrml_io, sample_dir, tmp_path):
     """The real engine end to end: Slicer node -> export -> ``python -m DRoPE reconstruct`` -> nodes on the grid,
     with a randomly initialised tiny-preset checkpoint (the outputs' values are meaningless, their geometry not)."""
     from DRoPE.model import DRoPEMAE, model_config, save_model
@@ -642,7 +641,7 @@ def test_reconstruct_with_a_tiny_checkpoint(real_cli, colored_scene, mrml_io, sh
     torch.manual_seed(0)
     weights = save_model(DRoPEMAE(model_config("tiny")), tmp_path / "tiny") / "model.safetensors"
     scene = colored_scene
-    source = mrml_io.read_dwi_nrrd(scene, shared_data.joinpath(*NRRD_DWI))
+    source = mrml_io.read_dwi_nrrd(scene, sample_dir / "dwi.nrrd")
     node = crop_node(scene, mrml_io, source, "crop", box=(slice(12, 24), slice(24, 56), slice(24, 56)))
     out = tmp_path / "out"
     request = process.ReconstructionRequest(mrml_io.export_dwi(node, tmp_path / "in"), out, weights,

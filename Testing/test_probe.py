@@ -223,10 +223,10 @@ def test_subject_ids_rules(tmp_path):
         subject_ids([tmp_path / "a" / "dwi.nii.gz", tmp_path / "b" / "a" / "dwi.nii.gz"])
 
 
-def test_draw_protocol_has_one_b0_and_k_dw(shared_data):
+def test_draw_protocol_has_one_b0_and_k_dw(crops):
     from DRoPE.io import load_dwi
 
-    dwi = load_dwi(shared_data / "canon_oblique_all20d" / "dwi.nii.gz")
+    dwi = load_dwi(crops / "canon_oblique_all20d" / "dwi.nii.gz")
     index = draw_protocol(dwi, 5, np.random.SeedSequence([0, 1]))
     assert len(index) == 6 and dwi.gtab.b0s_mask[index].sum() == 1
     assert np.array_equal(index, draw_protocol(dwi, 5, np.random.SeedSequence([0, 1])))

@@ -28,16 +28,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, shared_data):
+def study(tmp_path_factory, crops):
     """Six small real DWIs (3 scans x 2 crops), a tiny checkpoint, labels and the features of two extractions."""
     from DRoPE.model import DRoPEMAE, model_config, save_model
 
     root = tmp_path_factory.mktemp("probe")
     ids = []
     for k, name in enumerate(SOURCES):
-        for j, offset in enumerate((-6, 6)):
+        for j, offset in enumerate((-4, 4)):
             sid = f"sub-{2 * k + j + 1:02d}"
-            source = shared_data / name / "dwi.nii.gz"
+            source = crops / name / "dwi.nii.gz"
             box = centre_box(nib.load(source).shape, (16, 16, 4), offset=(offset, 0, 0))
             crop_dwi(source, root / "data" / sid / "dwi" / f"{sid}_dwi.nii.gz", box)
             ids.append(sid)

@@ -95,9 +95,9 @@ def test_describe_counts_antipodes_once():
     assert describe_protocol(table)["shells"] == [{"b": 1000.0, "count": 4, "directions": 2}]
 
 
-def test_describe_real_mappertrac(shared_data):
+def test_describe_real_mappertrac(crops):
     """README: 6 b0 + 64 x b=1000 with two antipodal pairs -> 62 distinct axes."""
-    folder = shared_data / "mappertrac_sub-011591"
+    folder = crops / "mappertrac_sub-011591"
     table = _table(np.loadtxt(folder / "dwi.bval"), np.loadtxt(folder / "dwi.bvec").T)
     summary = describe_protocol(table)
     assert summary["n_b0"] == 6 and summary["n_volumes"] == 70 and summary["max_b"] == pytest.approx(1000, abs=10)

@@ -55,13 +55,15 @@ def test_cli_writes_every_output_on_the_input_grid(tiny_weights, small_dwi, tmp_
     np.testing.assert_array_equal(np.loadtxt(out / "reconstruction.bval"), np.loadtxt(small_dwi.with_name("dwi.bval")))
     latent = np.load(out / "latent.npy")
     assert latent.shape == (48,) and np.all(np.isfinite(latent))
-    matrix = np.loadtxt(out / "diffusion_attention.csv", delimiter=",", skiprows=1, usecols=range(1, 14))
+    matrix = np.loadtxt(out / "diffusion_attention.csv", delimiter=",", skiprows=1, usecols=range(1, 13))
+    assert matrix.shape == (12, 12)  # between the 12 weighted volumes: b0 is the reference, not a token
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-4)  # each query row is a softmax
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["outputs"]) == {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_nrrd_input_gives_the_same_latent_as_nifti(tiny_weights, sample_dir):
     settings = ReconstructSettings(mask_ratio=0.5, seed=3)
     a = run_reconstruction(load_dwi(sample_dir / "dwi.nii.gz"), tiny_weights, settings)
@@ -77,10 +79,51 @@ def test_same_seed_same_result_and_mask_ratio_respected(tiny_weights, small_dwi)
     again = run_reconstruction(dwi, tiny_weights, ReconstructSettings(mask_ratio=0.75, seed=7))
     np.testing.assert_array_equal(first.recon, again.recon)
     np.testing.assert_array_equal(first.latent, again.latent)
-    # 48 x 48 x 12 is exactly 6 x 6 x 3 patches: no padding, so a quarter of every volume is visible
-    np.testing.assert_allclose(first.visible.mean(axis=(0, 1, 2)), 9 / 36)
+    # 48 x 48 x 12 is exactly 6 x 6 x 3 patches: no padding, so a quarter of every weighted volume is visible
+    b0 = dwi.gtab.b0s_mask
+    np.testing.assert_allclose(first.visible[..., ~b0].mean(axis=(0, 1, 2)), 9 / 36)
+    assert first.visible[..., b0].all()  # the b0 is never hidden: it is the normalisation reference
     other = run_reconstruction(dwi, tiny_weights, ReconstructSettings(mask_ratio=0.75, seed=8))
     assert not np.array_equal(first.visible, other.visible)
+
+
+def test_hidden_map_on_the_input_grid_marks_exactly_the_hidden_patches(tiny_weights, small_dwi, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["reconstruct", str(small_dwi), "--out", str(out), "--weights", str(tiny_weights),
+                     "--progress", "none", "--seed", "4"]) == 0
+    source = nib.load(small_dwi)
+    hidden = nib.load(out / "hidden.nii.gz")
+    assert hidden.shape == source.shape and hidden.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(hidden.affine, source.affine, atol=1e-5)
+    marks = np.asarray(hidden.dataobj)
+    bvals = np.loadtxt(small_dwi.with_name("dwi.bval"))
+    assert not marks[..., bvals < 50].any()
+    # the crop is exactly 6 x 6 x 3 patches of (8, 8, 4) in file order too (LAS flips x only, 48 = 6 x 8):
+    # every patch is all hidden or all shown, and 81 of the 108 patches of each weighted volume are hidden
+    blocks = marks[..., bvals >= 50].reshape(6, 8, 6, 8, 3, 4, -1)
+    per_patch = blocks.mean(axis=(1, 3, 5))
+    assert set(np.unique(per_patch)) == {0.0, 1.0}
+    np.testing.assert_array_equal(per_patch.sum(axis=(0, 1, 2)), 81)
+    # and it is the engine's own hidden set (the mask the errors were scored on)
+    result = run_reconstruction(load_dwi(small_dwi), tiny_weights, ReconstructSettings(seed=4))
+    canonical = np.asarray(nib.as_closest_canonical(hidden).dataobj) > 0
+    np.testing.assert_array_equal(canonical, ~result.visible)
+
+
+def test_b0_volumes_are_carried_over_and_not_given_to_the_model(tiny_weights, small_dwi, monkeypatch):
+    seen = []
+    original = DRoPEMAE.reconstruct
+
+    def spy(self, x, bvals, bvecs, keep=None):
+        seen.append(bvals.min().item())
+        return original(self, x, bvals, bvecs, keep)
+
+    monkeypatch.setattr(DRoPEMAE, "reconstruct", spy)
+    dwi = load_dwi(small_dwi)
+    result = run_reconstruction(dwi, tiny_weights, ReconstructSettings(seed=0))
+    assert seen and min(seen) >= 50
+    b0 = dwi.gtab.b0s_mask
+    np.testing.assert_allclose(result.recon[..., b0], dwi.data[..., b0] * result.mask[..., None], rtol=1e-6)
 
 
 def test_volume_subset_holds_a_b0_and_is_seeded(small_dwi):

@@ -37,8 +37,8 @@ def train_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def canon(shared_data) -> Path:
-    return shared_data / "canon_oblique_all20d"
+def canon(sample_dir) -> Path:
+    return sample_dir / "dwi.nii.gz"  # the bundled Canon oblique scan (as shared canon_oblique_all20d)
 
 
 def run_main(*args) -> int:
@@ -289,6 +289,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert json.loads((a / "checkpoint.json").read_text())["global_step"] == json.loads((b / "checkpoint.json").read_text())["global_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, canon, train_cache, straight_run, workers):
     run = tmp_path / "run"
@@ -366,7 +367,7 @@ def test_unreadable_file_and_config_typo(capsys, tmp_path):
 def test_corrupt_dwi_among_good_ones(capsys, tmp_path, canon, train_cache):
     bad = _bad_dwi(tmp_path / "bad")
     listing = tmp_path / "subjects.txt"
-    listing.write_text(f"{canon / 'dwi.nii.gz'}\nbad/dwi.nii.gz\n")
+    listing.write_text(f"{canon}\nbad/dwi.nii.gz\n")
     common = ["--data", listing, "--config", "tiny", "--epochs", 1, "--cache", train_cache, *THREADS]
     assert run_main(*common, "--out", tmp_path / "run") == 2
     line = _one_line_error(capsys)

@@ -31,10 +31,12 @@ def train_cache(tmp_path_factory) -> Path:
 # --- discovery ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.corpus
 def test_find_dwis_in_shared_data_ignores_masks_and_maps(shared_data):
     found = tdata.find_dwis(shared_data)
     expected = sorted(
         [p.resolve() for p in shared_data.glob("*/dwi.nii.gz")]
+        + [p.resolve() for p in shared_data.glob("corpus/*/*/dwi.nii.gz")]
         + [p.resolve() for p in (shared_data / "nrrd_slicer_dwi").glob("*.nrrd")]
     )
     assert found == expected
@@ -54,13 +56,13 @@ def test_find_dwis_bids_recursive(tmp_path):
     assert names == ["sub-01/ses-1/dwi/sub-01_ses-1_dwi", "sub-02/dwi/sub-02_dwi"]
 
 
-def test_find_dwis_list_file_relative_to_list(tmp_path, shared_data):
+def test_find_dwis_list_file_relative_to_list(tmp_path, sample_dir):
     listing = tmp_path / "lists" / "train.txt"
     listing.parent.mkdir()
     rel = Path("..") / "elsewhere" / "a.nii.gz"
-    listing.write_text(f"# training subjects\n\n{shared_data / 'canon_oblique_all20d' / 'dwi.nii.gz'}\n{rel}\n")
+    listing.write_text(f"# training subjects\n\n{sample_dir / 'dwi.nii.gz'}\n{rel}\n")
     found = tdata.find_dwis(listing)
-    assert found == [(shared_data / "canon_oblique_all20d" / "dwi.nii.gz").resolve(), (tmp_path / "elsewhere" / "a.nii.gz").resolve()]
+    assert found == [(sample_dir / "dwi.nii.gz").resolve(), (tmp_path / "elsewhere" / "a.nii.gz").resolve()]
 
 
 def test_find_dwis_empty_folder_and_missing(tmp_path):
@@ -118,10 +120,11 @@ def test_draw_sample_is_a_contiguous_brain_slab_of_distinct_volumes():
     config = DataConfig(slab=4, volumes=4, crop=(16, 16), min_brain_fraction=0.1)
     seen_z = set()
     for seed in range(30):
-        x, volumes = tdata.draw_sample(signal, mask, config, np.random.default_rng(seed))
+        x, brain, volumes = tdata.draw_sample(signal, mask, config, np.random.default_rng(seed))
         assert x.shape == (4, 16, 16, 4) and x.dtype == np.float32
         assert len(set(volumes.tolist())) == 4
         v0, x0, y0, z0 = _decode(x[0, 0, 0, 0])
+        np.testing.assert_array_equal(brain, mask[x0 : x0 + 16, y0 : y0 + 16, z0 : z0 + 4])
         for i, v in enumerate(volumes):
             expected = signal[v, x0 : x0 + 16, y0 : y0 + 16, z0 : z0 + 4]
             np.testing.assert_array_equal(x[i], expected.astype(np.float32))
@@ -137,9 +140,10 @@ def test_draw_sample_all_volumes_if_fewer_and_zero_padding():
     signal = _coded_signal(N=3, X=12, Y=8, Z=2)
     mask = np.ones(signal.shape[1:], dtype=bool)
     config = DataConfig(slab=4, volumes=15, crop=(16, 16))
-    x, volumes = tdata.draw_sample(signal, mask, config, np.random.default_rng(0))
+    x, brain, volumes = tdata.draw_sample(signal, mask, config, np.random.default_rng(0))
     assert x.shape == (3, 16, 16, 4)
     assert sorted(volumes.tolist()) == [0, 1, 2]
+    assert brain.shape == (16, 16, 4) and brain.sum() == 12 * 8 * 2  # the padding is not brain
     # every voxel of every volume is there exactly once; the rest is zero padding
     for i, v in enumerate(volumes):
         values = x[i][x[i] != 0]
@@ -150,8 +154,17 @@ def test_draw_sample_all_volumes_if_fewer_and_zero_padding():
 def test_draw_sample_without_crop_keeps_field_of_view():
     signal = _coded_signal(N=2, X=16, Y=8, Z=12)
     mask = np.ones(signal.shape[1:], dtype=bool)
-    x, _ = tdata.draw_sample(signal, mask, DataConfig(slab=4, volumes=2, crop=None), np.random.default_rng(3))
+    x, _, _ = tdata.draw_sample(signal, mask, DataConfig(slab=4, volumes=2, crop=None), np.random.default_rng(3))
     assert x.shape == (2, 16, 8, 4)
+
+
+def test_draw_sample_draws_only_the_candidate_volumes():
+    signal = _coded_signal(N=6, X=16, Y=8, Z=4)
+    mask = np.ones(signal.shape[1:], dtype=bool)
+    for seed in range(10):
+        _, _, volumes = tdata.draw_sample(signal, mask, DataConfig(slab=4, volumes=3, crop=None),
+                                          np.random.default_rng(seed), candidates=np.array([1, 3, 4, 5]))
+        assert len(volumes) == 3 and set(volumes.tolist()) <= {1, 3, 4, 5}
 
 
 def _write_subject(folder: Path, name: str, signal: np.ndarray, mask: np.ndarray, bvals, bvecs) -> tdata.CachedSubject:
@@ -167,7 +180,8 @@ def toy_subjects(tmp_path):
     rng = np.random.default_rng(0)
     subjects = []
     for k, shape in enumerate([(9, 24, 24, 12), (5, 16, 24, 8)]):
-        signal = rng.random(shape).astype(np.float32)
+        # volume v holds values in [v + 0.25, v + 0.75): a drawn block tells which volume it came from
+        signal = (rng.uniform(0.25, 0.75, shape) + np.arange(shape[0])[:, None, None, None]).astype(np.float32)
         mask = np.ones(shape[1:], dtype=bool)
         bvecs = rng.normal(size=(shape[0], 3))
         bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
@@ -187,18 +201,18 @@ def test_dataset_is_seeded_by_epoch_and_subject(toy_subjects):
         assert torch.equal(sa["x"], sb["x"]) and torch.equal(sa["bvals"], sb["bvals"])
     assert not torch.equal(a[(0, 0)]["x"], a[(1, 0)]["x"])  # another epoch, another draw
     assert not torch.equal(a[(0, 0)]["x"], a[(0, 1)]["x"])  # another sample of the same subject
-    assert a[(0, 4)]["subject"] == 1 and a[(0, 4)]["x"].shape[0] == 5  # subject 1 has only 5 volumes
+    assert a[(0, 4)]["subject"] == 1 and a[(0, 4)]["x"].shape[0] == 4  # subject 1: 4 weighted volumes + a b0
     sample = a[(2, 1)]
     vols = sample["bvals"].numpy()
-    assert set(vols.tolist()) <= {0.0, 1000.0}
+    assert set(vols.tolist()) == {1000.0}  # b0 is the normalisation reference, never a token or a target
+    assert sample["brain"].shape == sample["x"].shape[1:] and sample["brain"].dtype == torch.bool
     subject = toy_subjects[0]
     signal = np.load(subject.signal_path)
     # the bvals/bvecs travel with their volumes: find each drawn volume in the subject's signal
     for i in range(sample["x"].shape[0]):
         block = sample["x"][i].numpy()
-        matches = [v for v in range(signal.shape[0]) if np.isin(block[block != 0][:20], signal[v]).all()]
-        assert len(matches) == 1
-        np.testing.assert_allclose(sample["bvecs"][i].numpy(), subject.bvecs[matches[0]], atol=1e-6)
+        (volume,) = np.unique(np.floor(block[block != 0]))
+        np.testing.assert_allclose(sample["bvecs"][i].numpy(), subject.bvecs[int(volume)], atol=1e-6)
 
 
 def test_loader_batches_do_not_depend_on_workers(toy_subjects):
@@ -215,7 +229,7 @@ def test_loader_batches_do_not_depend_on_workers(toy_subjects):
     zero, two = batches(0), batches(2)
     assert len(zero) == 3
     for a, b in zip(zero, two):
-        for key in ("x", "bvals", "bvecs", "subject"):
+        for key in ("x", "brain", "bvals", "bvecs", "subject"):
             assert torch.equal(a[key], b[key])
 
 
@@ -238,11 +252,14 @@ def test_sharded_sampler_splits_each_epoch():
 
 def test_collate_keeps_smallest_volume_count_and_pads():
     samples = [
-        {"x": torch.ones(5, 16, 8, 4), "bvals": torch.arange(5.0), "bvecs": torch.ones(5, 3), "subject": 0},
-        {"x": torch.full((3, 8, 16, 4), 2.0), "bvals": torch.arange(3.0), "bvecs": torch.ones(3, 3), "subject": 1},
+        {"x": torch.ones(5, 16, 8, 4), "brain": torch.ones(16, 8, 4, dtype=torch.bool), "bvals": torch.arange(5.0),
+         "bvecs": torch.ones(5, 3), "subject": 0},
+        {"x": torch.full((3, 8, 16, 4), 2.0), "brain": torch.ones(8, 16, 4, dtype=torch.bool),
+         "bvals": torch.arange(3.0), "bvecs": torch.ones(3, 3), "subject": 1},
     ]
     batch = tdata.collate_samples(samples)
     assert batch["x"].shape == (2, 3, 16, 16, 4)
+    assert batch["brain"].shape == (2, 16, 16, 4) and batch["brain"].sum() == 2 * 16 * 8 * 4  # padding is no brain
     assert batch["bvals"].tolist() == [[0, 1, 2], [0, 1, 2]]
     assert batch["x"][0, :, :, 8:].abs().sum() == 0 and batch["x"][1, :, 8:].abs().sum() == 0
     assert batch["x"][0].sum() == 3 * 16 * 8 * 4
@@ -327,6 +344,6 @@ def test_protocol_augment_resynthesises_an_isotropic_tensor():
     augment = tdata.ProtocolAugment(volumes=9, snr=None)
     out, new_bvals, new_bvecs = augment(x, bvals, bvecs, np.random.default_rng(3))
     assert out.shape == (9, 8, 8, 4)
-    assert (new_bvals == 0).sum() == 1 and set(new_bvals[new_bvals > 0]) <= {1000.0, 2000.0, 3000.0}
-    np.testing.assert_allclose(np.linalg.norm(new_bvecs[new_bvals > 0], axis=1), 1.0, atol=1e-6)
+    assert set(new_bvals) <= {1000.0, 2000.0, 3000.0}  # weighted volumes only: b0 is the reference
+    np.testing.assert_allclose(np.linalg.norm(new_bvecs, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(out[:, 3, 3, 2], np.exp(-new_bvals * D), rtol=1e-3)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..baselines import baseline_predictions
 from ..dti import mean_b0
 from ..preprocess import normalize
-from ..reconstruct import Reconstruction, ReconstructSettings, run_reconstruction
+from ..reconstruct import Reconstruction, ReconstructSettings, dti_maps, run_reconstruction
 from . import metrics
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,29 @@ def evaluate_reconstruction(dwi, weights, settings: ReconstructSettings, *, subj
     tracts: None (no per-tract errors) or a callable (fa, affine, mask) -> SubjectTracts, e.g. a cached
     ``atlas.subject_tracts`` so that the registration runs once per subject, not once per model.
     """
-    result = run_reconstruction(dwi, weights, settings, device)
+    return measure(run_reconstruction(dwi, weights, settings, device), subject=subject, model=model, tracts=tracts)
+
+
+def evaluate_baselines(result: Reconstruction, *, subject: str, tracts=None) -> list[SubjectResult]:
+    """The baselines of ``DRoPE.baselines`` on the hidden patches of a model's ``result``, measured alike.
+
+    Each baseline fills the hidden voxels of the b0-normalised input; its reconstruction (in input units) goes
+    through the same DTI fit and metrics as a model's.
+    """
+    original, _ = normalised_pair(result)
+    dwi = result.dwi
+    b0 = mean_b0(dwi.data, dwi.gtab)[..., None]
+    predictions = baseline_predictions(original, result.visible, dwi.gtab, result.mask)
+    out = []
+    for name, prediction in predictions.items():
+        recon = (prediction * b0).astype(np.float32)
+        filled = replace(result, recon=recon, maps=dti_maps(dwi, recon, result.mask))
+        out.append(measure(filled, subject=subject, model=name, tracts=tracts))
+    return out
+
+
+def measure(result: Reconstruction, *, subject: str, model: str, tracts=None) -> SubjectResult:
+    """Signal metrics, DTI errors and (with ``tracts``) per-tract errors of one reconstruction."""
     original, recon = normalised_pair(result)
     shells = shell_labels(result)
     rows = signal_metrics(original, recon, result.mask, result.visible, shells, subject=subject, model=model)

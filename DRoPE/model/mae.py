@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from .drope import DEFAULT_BASE, drope_distance
+from .heads import ConvHead, CopyHead
 from .layers import DualBlock, TokenLayout, qspace_coordinates, sincos_3d, spatial_sequence
 
-CONV_CHUNK = 16  # volumes per call of the convolutional head (bounds its activation memory at inference)
+HEADS = ("conv", "copy")
 
 
 class ModelConfigError(ValueError):
@@ -54,6 +55,8 @@ class ModelConfig:
         decoder_embed_dim, decoder_depth, decoder_num_heads: the same for the decoder.
         mlp_ratio, decoder_mlp_ratio: MLP hidden width / width.
         conv_channels: channels of the 3-D convolutional head (1 -> c -> c -> 1).
+        head: output head, "conv" (the paper's: linear patch head + 3-D convolutions) or "copy" (beyond the
+            paper: a learned weighting of the visible volumes at the same position, see ``heads.CopyHead``).
         drope: D-RoPE in the diffusion attention (False = the paper's plain "MAE" ablation).
         drope_base: D-RoPE frequency base, theta_n = base^(-2n/E).
         dropout: projection / MLP dropout (training only).
@@ -69,6 +72,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     decoder_mlp_ratio: float = 1.0
     conv_channels: int = 8
+    head: str = "conv"
     drope: bool = True
     drope_base: float = DEFAULT_BASE
     dropout: float = 0.0
@@ -85,6 +89,8 @@ class ModelConfig:
                 raise ModelConfigError(f"{name}={dim} must be divisible by 12 (3-D sinusoidal code + q-space code)")
             if heads < 1 or dim % heads or (dim // heads) % 2:
                 raise ModelConfigError(f"{name}={dim} with {heads} heads needs an even head dim")
+        if self.head not in HEADS:
+            raise ModelConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.depth < 1 or self.decoder_depth < 1:
             raise ModelConfigError("depth and decoder_depth must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -138,11 +144,14 @@ def mask_lambda(epoch: int, total_epochs: int, start: float = 0.05, end: float =
 
 
 class EncoderOutput(NamedTuple):
-    """cls: (B, D) CLS latent; tokens: (B, Vk, Pk, D) visible tokens; layout: where they sit in (B, V, P)."""
+    """cls: (B, D) CLS latent; tokens: (B, Vk, Pk, D) visible tokens; layout: where they sit in (B, V, P);
+    patches: (B, V, P, N) the input patches, zero where hidden; visible: (B, V, P) bool, True = shown."""
 
     cls: torch.Tensor
     tokens: torch.Tensor
     layout: TokenLayout
+    patches: torch.Tensor
+    visible: torch.Tensor
 
 
 class MAEOutput(tuple):
@@ -188,28 +197,6 @@ def patch_map_to_voxels(patch_map: torch.Tensor, grid, patch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class ConvHead(nn.Module):
-    """Per-volume 3-D refinement: conv 1 -> c -> c -> 1 (kernel 3, padding 1), ReLU after each (signal >= 0)."""
-
-    def __init__(self, channels: int = 8):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv3d(1, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv3d(channels, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv3d(channels, 1, 3, padding=1),
-            nn.ReLU(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, V, X, Y, Z) -> (B, V, X, Y, Z), volumes processed independently."""
-        B, V = x.shape[:2]
-        flat = x.reshape(B * V, 1, *x.shape[2:])
-        out = torch.cat([self.net(part) for part in flat.split(CONV_CHUNK)])
-        return out.view(x.shape)
-
-
 class DRoPEMAE(nn.Module):
     """Masked autoencoder over (volume, patch) tokens with D-RoPE diffusion attention.
 
@@ -242,12 +229,16 @@ class DRoPEMAE(nn.Module):
             for _ in range(config.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(Dd)
-        self.decoder_pred = nn.Linear(Dd, patch_voxels)
-        self.conv_head = ConvHead(config.conv_channels)
+        if config.head == "copy":
+            self.copy_head = CopyHead(Dd, patch_voxels, use_distance=config.drope)
+        else:
+            self.decoder_pred = nn.Linear(Dd, patch_voxels)
+            self.conv_head = ConvHead(config.conv_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """MAE initialisation: xavier-uniform linears, zero biases, unit LayerNorms, N(0, 0.02) tokens."""
+        """MAE initialisation: xavier-uniform linears, zero biases, unit LayerNorms, N(0, 0.02) tokens; the copy
+        head then starts as the shell mean."""
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for module in self.modules():
@@ -257,6 +248,8 @@ class DRoPEMAE(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.config.head == "copy":
+            self.copy_head.reset_parameters()
 
     # --- patches ---------------------------------------------------------------------------------------
 
@@ -335,7 +328,8 @@ class DRoPEMAE(nn.Module):
     def forward_encoder(self, x, bvals, bvecs, keep=None) -> EncoderOutput:
         """Encode the visible patches. x (B, V, X, Y, Z); keep (B, V, P) True = visible, None = all visible.
 
-        Returns EncoderOutput(cls (B, D), tokens (B, Vk, Pk, D), layout), both after the final LayerNorm.
+        Returns EncoderOutput(cls (B, D), tokens (B, Vk, Pk, D), layout, patches, visible); cls and tokens after
+        the final LayerNorm.
         """
         bvals, bvecs = self._check_inputs(x, bvals, bvecs)
         layout = self.layout_for(x, keep)
@@ -344,10 +338,13 @@ class DRoPEMAE(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1)
         for blk in self.blocks:
             cls, tokens = blk(cls, tokens, layout, distance)
-        return EncoderOutput(self.norm(cls), self.norm(tokens), layout)
+        B, V = x.shape[:2]
+        visible = torch.ones(B, V, layout.n_patches, dtype=torch.bool, device=x.device) if keep is None else keep
+        patches = self.patchify(x) * visible[..., None]
+        return EncoderOutput(self.norm(cls), self.norm(tokens), layout, patches, visible)
 
     def forward_decoder(self, encoded: EncoderOutput, bvals, bvecs) -> torch.Tensor:
-        """Reconstruct every patch of every volume. Returns pred (B, V, X, Y, Z) (>= 0, after the conv head)."""
+        """Reconstruct every patch of every volume. Returns pred (B, V, X, Y, Z) (>= 0 with the conv head)."""
         layout = encoded.layout
         bvals = torch.as_tensor(bvals, device=encoded.tokens.device, dtype=encoded.tokens.dtype)
         bvecs = torch.as_tensor(bvecs, device=encoded.tokens.device, dtype=encoded.tokens.dtype)
@@ -359,7 +356,11 @@ class DRoPEMAE(nn.Module):
         distance = self._distance(bvals, bvecs, full.vol_idx)
         for blk in self.decoder_blocks:
             cls, x = blk(cls, x, full, distance)
-        patches = self.decoder_pred(self.decoder_norm(x))  # (B, V, P, px*py*pz)
+        features = self.decoder_norm(x)  # (B, V, P, Dd)
+        if self.config.head == "copy":
+            patches = self.copy_head(features, encoded.patches, encoded.visible, bvals, distance)
+            return self.unpatchify(patches, layout.grid)
+        patches = self.decoder_pred(features)  # (B, V, P, px*py*pz)
         return self.conv_head(self.unpatchify(patches, layout.grid))
 
     def unmask(self, tokens: torch.Tensor, layout: TokenLayout, V: int) -> torch.Tensor:
@@ -371,29 +372,36 @@ class DRoPEMAE(nn.Module):
         grid[rows, layout.vol_idx[:, :, None], layout.patch_idx] = tokens
         return grid[:, :, :P]
 
-    def forward_loss(self, x, pred, keep, mask_lambda: float):
-        """Weighted reconstruction loss. x, pred (B, V, X, Y, Z); keep (B, V, P) True = visible (None = all).
+    def forward_loss(self, x, pred, keep, mask_lambda: float, brain=None):
+        """Weighted reconstruction loss. x, pred (B, V, X, Y, Z); keep (B, V, P) True = visible (None = all);
+        brain (B, X, Y, Z) bool, the voxels that count (None = all).
 
-        loss = (1 - lambda) * MSE over the voxels of visible patches + lambda * MSE over the voxels of removed
-        patches; a term with no patch is 0. Returns (loss, loss_visible, loss_masked), each a 0-d tensor.
+        loss = (1 - lambda) * MSE over the (brain) voxels of visible patches + lambda * MSE over the (brain) voxels
+        of removed patches; a term with no voxel is 0. Returns (loss, loss_visible, loss_masked), each 0-d.
         """
-        per_patch = ((self.patchify(pred) - self.patchify(x)) ** 2).mean(-1)  # (B, V, P)
-        visible = torch.ones_like(per_patch) if keep is None else keep.to(per_patch.dtype)
+        squared = (self.patchify(pred) - self.patchify(x)) ** 2  # (B, V, P, N)
+        if brain is None:
+            error, count = squared.sum(-1), torch.full_like(squared[..., 0], squared.shape[-1])
+        else:
+            weight = self.patchify(brain[:, None].to(squared.dtype))  # (B, 1, P, N)
+            error, count = (squared * weight).sum(-1), weight.sum(-1).expand_as(squared[..., 0])
+        visible = torch.ones_like(error) if keep is None else keep.to(error.dtype)
         removed = 1.0 - visible
-        loss_visible = (per_patch * visible).sum() / visible.sum().clamp_min(1.0)
-        loss_masked = (per_patch * removed).sum() / removed.sum().clamp_min(1.0)
+        loss_visible = (error * visible).sum() / (count * visible).sum().clamp_min(1.0)
+        loss_masked = (error * removed).sum() / (count * removed).sum().clamp_min(1.0)
         loss = (1.0 - mask_lambda) * loss_visible + mask_lambda * loss_masked
         return loss, loss_visible, loss_masked
 
-    def forward(self, x, bvals, bvecs, keep=None, mask_lambda: float = 0.5) -> MAEOutput:
-        """x (B, V, X, Y, Z), bvals (B, V), bvecs (B, V, 3), keep (B, V, P) True = visible (None = all).
+    def forward(self, x, bvals, bvecs, keep=None, mask_lambda: float = 0.5, brain=None) -> MAEOutput:
+        """x (B, V, X, Y, Z), bvals (B, V), bvecs (B, V, 3), keep (B, V, P) True = visible (None = all), brain
+        (B, X, Y, Z) bool voxels scored by the loss (None = all).
 
         Returns MAEOutput; ``loss, pred = model(...)`` unpacks (loss (), pred (B, V, X, Y, Z)), and the parts are
         ``out.loss_visible`` / ``out.loss_masked``.
         """
         encoded = self.forward_encoder(x, bvals, bvecs, keep)
         pred = self.forward_decoder(encoded, bvals, bvecs)
-        loss, loss_visible, loss_masked = self.forward_loss(x, pred, keep, mask_lambda)
+        loss, loss_visible, loss_masked = self.forward_loss(x, pred, keep, mask_lambda, brain)
         return MAEOutput(loss, pred, loss_visible, loss_masked)
 
     # --- user-facing -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from ..atomic import full_suffix
 from ..dwi import DWI
 from ..gradients import DWIError
-from ..io import NIFTI_SUFFIXES, NRRD_SUFFIXES, load_dwi
+from ..io import load_dwi
 from ..model import load_model, read_metadata
 from ..preprocess import Preprocessed, brain_mask, preprocess
 from ..protocol import pick_volumes
@@ -35,16 +35,6 @@ BIDS_SESSION = re.compile(r"(?<![A-Za-z0-9])ses-[A-Za-z0-9]+")
 
 class ExtractError(DWIError):
     """Inputs that cannot give latents (too few volumes, duplicate subject ids, empty brain mask, ...)."""
-
-
-def find_inputs(data) -> list[Path]:
-    """A single DWI file (NIfTI / NRRD), or the DWIs of a folder (recursive) or a text list (``find_dwis``)."""
-    from ..training.data import find_dwis
-
-    path = Path(data)
-    if path.is_file() and full_suffix(path).lower() in NIFTI_SUFFIXES + NRRD_SUFFIXES:
-        return [path.resolve()]
-    return find_dwis(path)
 
 
 def subject_ids(paths: Sequence[Path]) -> list[str]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from DRoPE.atomic import atomic_path, full_suffix
-from DRoPE.gradients import DWIError
+from DRoPE.gradients import B0_THRESHOLD, DWIError
 
 from .config import DataConfig
 
@@ -67,14 +67,19 @@ def _is_dwi_candidate(path: Path) -> bool:
 
 
 def find_dwis(data: str | os.PathLike) -> list[Path]:
-    """DWI files under a folder (recursively) or listed in a text file (one path per line, relative to the file).
+    """A single DWI file, the DWI files under a folder (recursively) or those listed in a text file (one path per
+    line, relative to the file).
 
-    In a folder: every ``*.nii``/``*.nii.gz`` with a sibling ``.bval`` and every ``*.nrrd``/``*.nhdr``; NIfTIs
+    A DWI is a ``*.nii``/``*.nii.gz`` with a sibling ``.bval`` or a ``*.nrrd``/``*.nhdr``; in a folder, NIfTIs
     without b-values (brain masks, T1w, scalar maps) are ignored. In a list file, blank lines and lines starting
     with '#' are skipped; listed files are used as given (a missing one is reported when read).
     Returns absolute paths, sorted (folder) or in file order (list). Raises DataError if none is found.
     """
     root = Path(data)
+    if root.is_file() and full_suffix(root).lower() in NIFTI_SUFFIXES + NRRD_SUFFIXES:
+        if not _is_dwi_candidate(root):
+            raise DataError(f"{root}: no {_stem(root).name}.bval beside this NIfTI; a DWI needs its b-values")
+        return [root.resolve()]
     if root.is_dir():
         try:
             found = sorted(
@@ -407,19 +412,23 @@ def draw_sample(
     *,
     fractions: np.ndarray | None = None,
     volumes: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one sample: a slab of ``data.slab`` slices, ``data.volumes`` volumes, an optional in-plane crop.
 
     signal: (N, X, Y, Z) normalised signal; mask: (X, Y, Z) bool, True = brain.
-    ``volumes`` overrides ``data.volumes`` (the augmentation draws all volumes).
-    Returns (x, volumes): x (V, X', Y', slab) float32 with V = min(volumes, N) and (X', Y') = crop or (X, Y);
-    volumes (V,) int, the drawn volume indices in draw order (a random permutation prefix).
+    ``volumes`` overrides ``data.volumes`` (the augmentation draws all volumes); ``candidates`` (indices) are the
+    volumes to draw from (default: all N).
+    Returns (x, brain, volumes): x (V, X', Y', slab) float32 with V = min(volumes, len(candidates)) and
+    (X', Y') = crop or (X, Y); brain (X', Y', slab) bool, the mask on the same window; volumes (V,) int, the drawn
+    volume indices in draw order (a random permutation prefix of the candidates).
     """
     N, X, Y, Z = signal.shape
     if fractions is None:
         fractions = slab_brain_fraction(mask, data.slab, data.crop)
     z0 = choose_slab(fractions, data.min_brain_fraction, rng) if Z > data.slab else -int(rng.integers(0, data.slab - Z + 1))
-    volumes = rng.permutation(N)[: min(data.volumes if volumes is None else volumes, N)]
+    pool = np.arange(N) if candidates is None else np.asarray(candidates)
+    volumes = pool[rng.permutation(len(pool))[: min(data.volumes if volumes is None else volumes, len(pool))]]
     slab_mask = _window(np.asarray(mask, dtype=bool), 2, z0, data.slab)
     x0, y0, cx, cy = 0, 0, X, Y
     if data.crop is not None:
@@ -437,15 +446,17 @@ def draw_sample(
     part = part[np.argsort(order)]
     x = np.zeros((len(volumes), cx, cy, data.slab), dtype=np.float32)
     x[:, lo_x - x0 : hi_x - x0, lo_y - y0 : hi_y - y0, lo_z - z0 : hi_z - z0] = part
-    return x, volumes
+    brain = _window(_window(slab_mask, 0, x0, cx), 1, y0, cy)
+    return x, brain, volumes
 
 
 class SlabDataset(torch.utils.data.Dataset):
     """Random slabs of cached subjects. Item ``(epoch, index)`` -> dict sample; ``len`` = subjects x samples.
 
     index i is subject ``i // samples_per_subject``, draw ``i % samples_per_subject``; the draw's generator is
-    ``np.random.default_rng([seed, epoch, subject, draw])``. Sample dict: ``x`` (V, X, Y, slab) float32 tensor,
-    ``bvals`` (V,) float32, ``bvecs`` (V, 3) float32 unit (zero for b0), ``subject`` int.
+    ``np.random.default_rng([seed, epoch, subject, draw])``. Sample dict: ``x`` (V, X, Y, slab) float32 tensor of
+    diffusion-weighted volumes only (b0 is the normalisation reference, never a token or a target), ``brain``
+    (X, Y, slab) bool, ``bvals`` (V,) float32, ``bvecs`` (V, 3) float32 unit, ``subject`` int.
     The memory maps are opened lazily in each process (DataLoader worker), never pickled.
     """
 
@@ -489,13 +500,16 @@ class SlabDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(epoch), subject, draw])
         signal, mask, fractions = self._open(subject)
         entry = self.subjects[subject]
-        every = entry.shape[0] if self.augment is not None else None
-        x, volumes = draw_sample(signal, mask, self.data, rng, fractions=fractions, volumes=every)
-        bvals, bvecs = entry.bvals[volumes], entry.bvecs[volumes]
         if self.augment is not None:
-            x, bvals, bvecs = self.augment(x, bvals, bvecs, rng)
+            x, brain, volumes = draw_sample(signal, mask, self.data, rng, fractions=fractions, volumes=entry.shape[0])
+            x, bvals, bvecs = self.augment(x, entry.bvals[volumes], entry.bvecs[volumes], rng)
+        else:
+            weighted = np.flatnonzero(entry.bvals >= B0_THRESHOLD)
+            x, brain, volumes = draw_sample(signal, mask, self.data, rng, fractions=fractions, candidates=weighted)
+            bvals, bvecs = entry.bvals[volumes], entry.bvecs[volumes]
         return {
             "x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "brain": torch.from_numpy(np.ascontiguousarray(brain)),
             "bvals": torch.as_tensor(bvals, dtype=torch.float32),
             "bvecs": torch.as_tensor(bvecs, dtype=torch.float32),
             "subject": subject,
@@ -503,7 +517,7 @@ class SlabDataset(torch.utils.data.Dataset):
 
 
 def collate_samples(samples: Sequence[dict]) -> dict:
-    """Stack samples into a batch: x (B, V, X, Y, Z), bvals (B, V), bvecs (B, V, 3), subject (B,).
+    """Stack samples into a batch: x (B, V, X, Y, Z), brain (B, X, Y, Z), bvals (B, V), bvecs (B, V, 3), subject (B,).
 
     V is the smallest volume count in the batch (each sample keeps its first V draws, still a random subset);
     X, Y are zero-padded to the largest in the batch (only differs without a crop).
@@ -513,11 +527,14 @@ def collate_samples(samples: Sequence[dict]) -> dict:
     Y = max(s["x"].shape[2] for s in samples)
     Z = max(s["x"].shape[3] for s in samples)
     x = torch.zeros((len(samples), V, X, Y, Z), dtype=torch.float32)
+    brain = torch.zeros((len(samples), X, Y, Z), dtype=torch.bool)
     for i, s in enumerate(samples):
         _, sx, sy, sz = s["x"].shape
         x[i, :, :sx, :sy, :sz] = s["x"][:V]
+        brain[i, :sx, :sy, :sz] = s["brain"]
     return {
         "x": x,
+        "brain": brain,
         "bvals": torch.stack([s["bvals"][:V] for s in samples]),
         "bvecs": torch.stack([s["bvecs"][:V] for s in samples]),
         "subject": torch.as_tensor([s["subject"] for s in samples]),
@@ -562,8 +579,9 @@ class ProtocolAugment:
     """Replace a sample's protocol by a random one simulated from a DTI fit of the sample (``DRoPE.phantom``).
 
     The sample must hold all of its subject's volumes (``SlabDataset`` draws them all when augmenting). The new
-    protocol has one b0 and ``volumes - 1`` diffusion-weighted volumes spread over 1 to 3 shells drawn from
-    ``shells`` (directions by electrostatic repulsion), with Rician noise at ``snr`` (None: noiseless).
+    protocol has one b0 and ``volumes`` diffusion-weighted volumes spread over 1 to 3 shells drawn from
+    ``shells`` (directions by electrostatic repulsion), with Rician noise at ``snr`` (None: noiseless); the
+    sample keeps the diffusion-weighted volumes (the b0 is the normalisation reference).
     """
 
     volumes: int
@@ -571,10 +589,10 @@ class ProtocolAugment:
     shells: tuple[float, ...] = (1000.0, 2000.0, 3000.0)
 
     def protocol(self, rng: np.random.Generator):
-        """A random GradientTable with ``volumes`` volumes (b-vectors in the sample's voxel frame)."""
+        """A random GradientTable of one b0 and ``volumes`` weighted volumes (b-vectors in the sample's voxel frame)."""
         from DRoPE.phantom import make_gtab
 
-        n_dw = max(self.volumes - 1, 1)
+        n_dw = max(self.volumes, 1)
         n_shells = int(rng.integers(1, min(len(self.shells), n_dw) + 1))
         chosen = sorted(rng.choice(self.shells, size=n_shells, replace=False).tolist())
         counts = np.full(n_shells, n_dw // n_shells)
@@ -586,18 +604,19 @@ class ProtocolAugment:
             return make_gtab({float(b): int(c) for b, c in zip(chosen, counts)}, n_b0=1, seed=int(rng.integers(2**31)))
 
     def __call__(self, x: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, rng: np.random.Generator):
-        """x: (N, X, Y, Z) all volumes of the sample -> (x', bvals', bvecs') with ``volumes`` simulated volumes."""
+        """x: (N, X, Y, Z) all volumes of the sample -> (x', bvals', bvecs') with ``volumes`` simulated weighted volumes."""
         from DRoPE.dti import DTIModel
         from DRoPE.gradients import GradientTable
         from DRoPE.phantom import synthesize
 
         table = GradientTable(np.asarray(bvals, dtype=np.float64), np.asarray(bvecs, dtype=np.float64))
-        if not table.b0s_mask.any() or table.b0s_mask.all():
-            return x[: self.volumes], bvals[: self.volumes], bvecs[: self.volumes]  # nothing to fit a tensor on
+        if not table.b0s_mask.any() or table.b0s_mask.all():  # nothing to fit a tensor on: keep the weighted volumes
+            weighted = np.flatnonzero(~table.b0s_mask)[: self.volumes]
+            return x[weighted], bvals[weighted], bvecs[weighted]
         data = np.moveaxis(np.asarray(x, dtype=np.float64), 0, -1)  # (X, Y, Z, N)
         fit = DTIModel(table).fit(data, data[..., table.b0s_mask].mean(axis=-1) > 0, progress=False)
         new = self.protocol(rng)
         signal = synthesize(fit, new, snr=self.snr, seed=rng)
-        order = rng.permutation(len(new))
+        order = rng.permutation(np.flatnonzero(~new.b0s_mask))
         out = np.moveaxis(signal, -1, 0)[order].astype(np.float32)
         return out, new.bvals[order], new.bvecs[order]

@@ -94,7 +94,8 @@ def train_one_epoch(
     Args:
         model: the MAE (or its DDP wrapper); ``model(x, bvals, bvecs, keep, mask_lambda)`` returns an output with
             ``.loss``, ``.loss_visible``, ``.loss_masked``.
-        loader: batches ``{"x": (B, V, X, Y, Z), "bvals": (B, V), "bvecs": (B, V, 3)}``.
+        loader: batches ``{"x": (B, V, X, Y, Z), "bvals": (B, V), "bvecs": (B, V, 3)}`` and optionally
+            ``"brain": (B, X, Y, Z)`` bool, the voxels the loss counts.
         optimizer: its param groups carry ``apply_weight_decay`` (bool); the weight-decay schedule only sets those.
         epoch: 0-based epoch; steps_per_epoch: optimizer steps in this epoch (same on every process).
         schedule: lr / weight decay / lambda per fractional epoch.
@@ -134,11 +135,12 @@ def train_one_epoch(
         x = batch["x"].to(device, non_blocking=True)
         bvals = batch["bvals"].to(device, non_blocking=True)
         bvecs = batch["bvecs"].to(device, non_blocking=True)
+        brain = batch["brain"].to(device, non_blocking=True) if "brain" in batch else None
         B, V = x.shape[:2]
         generator = torch.Generator().manual_seed(step_seed(seed, epoch, steps, rank))
         keep = make_keep(B, V, patches_per_volume(x.shape[2:], patch), generator).to(device)
         try:
-            grad_norm = _step(model, optimizer, x, bvals, bvecs, keep, lam, amp_dtype, scaler, grad_clip, device)
+            grad_norm = _step(model, optimizer, (x, bvals, bvecs, keep, lam, brain), amp_dtype, scaler, grad_clip, device)
         except Exception as error:
             if is_out_of_memory(error):
                 raise TrainingError(
@@ -185,12 +187,14 @@ def train_one_epoch(
     }
 
 
-def _step(model, optimizer, x, bvals, bvecs, keep, lam, amp_dtype, scaler, grad_clip, device) -> dict:
-    """Forward, backward, clip, update. Returns {"norm": pre-clip grad norm, "losses": (loss, visible, masked)}."""
+def _step(model, optimizer, inputs, amp_dtype, scaler, grad_clip, device) -> dict:
+    """Forward on ``inputs`` = (x, bvals, bvecs, keep, lambda, brain), backward, clip, update.
+
+    Returns {"norm": pre-clip grad norm, "losses": (loss, visible, masked)}."""
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with autocast:
-        out = model(x, bvals, bvecs, keep, lam)
+        out = model(*inputs)
     loss = out.loss.float()
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()

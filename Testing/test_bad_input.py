@@ -1,0 +1,190 @@
+"""Bad command-line input gives one line on stderr naming the flag or the file, exit code 2 and no traceback.
+
+Every command is called in-process (``main(argv)``); the values are checked before anything is computed, so the
+cases need no checkpoint and no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from DRoPE import cli
+from DRoPE.gradients import DWIWarning
+from DRoPE.io import load_dwi
+from DRoPE.reconstruct import select_volumes
+from DRoPE.training import data as tdata
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "DRoPETrain"))
+
+import evaluate  # noqa: E402  (DRoPETrain/evaluate.py)
+import probe  # noqa: E402  (DRoPETrain/probe.py)
+import train  # noqa: E402  (DRoPETrain/train.py)
+
+COMMANDS = {"drope": cli.main, "train": train.main, "evaluate": evaluate.main, "probe": probe.main}
+
+
+@pytest.fixture
+def paths(tmp_path, crops, monkeypatch):
+    """name -> path: a real DWI, an existing file, an empty folder, a read-only folder, a missing path, ..."""
+    dwi = tmp_path / "in" / "dwi.nii.gz"
+    dwi.parent.mkdir()
+    for name in ("dwi.nii.gz", "dwi.bval", "dwi.bvec"):
+        shutil.copy(crops / "canon_oblique_all20d" / name, dwi.parent / name)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: let the permission check see what an ordinary user would
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != read_only)
+    named = {
+        "DWI": dwi, "FILE": tmp_path / "notes.txt", "EMPTY": tmp_path / "empty", "RO": read_only / "out",
+        "MISSING": tmp_path / "missing", "NPZDIR": tmp_path / "folder.npz", "NOBVAL": tmp_path / "lone.nii.gz",
+        "CSV": tmp_path / "labels.csv", "NPZ": tmp_path / "features.npz", "OUT": tmp_path / "out",
+    }
+    named["FILE"].write_text("not a DWI")
+    named["EMPTY"].mkdir()
+    named["NPZDIR"].mkdir()
+    shutil.copy(dwi, named["NOBVAL"])
+    named["CSV"].write_text("subject_id,age\nsub-01,20\nsub-02,30\nsub-03,40\nsub-04,50\n")
+    np.savez(named["NPZ"], **{sid: np.ones(4) * k for k, sid in enumerate(["sub-01", "sub-02", "sub-07", "sub-08"])})
+    yield named
+    read_only.chmod(0o755)
+
+
+FIT = ["fit", "--features", "NPZ", "--labels", "CSV", "--target", "age", "--task", "regression", "--probe", "linear"]
+FINETUNE = ["finetune", "--checkpoint", "MISSING", "--data", "DWI", "--labels", "CSV", "--target", "age",
+            "--task", "regression", "--out", "OUT"]
+TRAIN = ["--data", "DWI", "--config", "tiny"]
+EVALUATE = ["--checkpoint", "MISSING", "--data", "DWI"]
+EXTRACT = ["extract", "--checkpoint", "MISSING", "--data", "DWI"]
+RECONSTRUCT = ["reconstruct", "DWI", "--weights", "MISSING", "--progress", "none"]
+
+# (command, argv with path names from the ``paths`` fixture, words the one-line message must hold)
+CASES = [
+    ("drope", ["info", "MISSING"], ["MISSING", "file not found"]),
+    ("drope", ["info", "EMPTY"], ["EMPTY", "is a folder"]),
+    ("drope", ["info", "CSV"], ["CSV", "unsupported file type"]),
+    ("drope", ["dti", "DWI", "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+    ("drope", ["dti", "DWI", "--out", "RO"], ["--out", "RO", "cannot write"]),
+    ("drope", ["dti", "DWI", "--out", "OUT", "--mask", "MISSING"], ["--mask", "MISSING", "not found"]),
+    ("drope", ["dti", "DWI", "--out", "OUT", "--bval", "MISSING"], ["MISSING", "b-value file"]),
+    ("drope", [*RECONSTRUCT, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+    ("drope", [*RECONSTRUCT, "--out", "RO"], ["--out", "RO", "cannot write"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--volumes", "0"], ["--volumes", ">= 1"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--mask-ratio", "1.5"], ["--mask-ratio", "[0, 1)"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--seed", "-1"], ["--seed", ">= 0"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--slab", "0"], ["--slab", ">= 1"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--probe", "MISSING"], ["MISSING", "probe file"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT", "--probe", "FILE"], ["FILE", "probe file"]),
+    ("drope", ["reconstruct", "DWI", "--weights", "MISSING", "--out", "OUT"], ["MISSING", "checkpoint"]),  # with a bar
+    ("train", [*TRAIN, "--out", "OUT", "--data", "MISSING"], ["MISSING", "no such folder"]),
+    ("train", [*TRAIN, "--out", "OUT", "--data", "EMPTY"], ["EMPTY", "no DWI found"]),
+    ("train", [*TRAIN, "--out", "OUT", "--data", "NOBVAL"], ["NOBVAL", "lone.bval"]),
+    ("train", [*TRAIN, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+    ("train", [*TRAIN, "--out", "RO"], ["--out", "RO", "cannot write"]),
+    ("train", [*TRAIN, "--out", "OUT", "--cache", "FILE"], ["--cache", "FILE"]),
+    ("train", [*TRAIN, "--out", "OUT", "--epochs", "0"], ["--epochs", ">= 1"]),
+    ("train", [*TRAIN, "--out", "OUT", "--workers", "-1"], ["--workers", ">= 0"]),
+    ("train", [*TRAIN, "--out", "OUT", "--threads", "0"], ["--threads", ">= 1"]),
+    ("train", [*TRAIN, "--out", "OUT", "--seed", "-1"], ["--seed", ">= 0"]),
+    ("train", [*TRAIN, "--out", "OUT", "--config", "MISSING"], ["MISSING", "neither a training preset"]),
+    ("evaluate", [*EVALUATE, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+    ("evaluate", [*EVALUATE, "--out", "RO"], ["--out", "RO", "cannot write"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--volumes", "0"], ["--volumes", ">= 1"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--slab", "0"], ["--slab", ">= 1"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--seed", "-2"], ["--seed", ">= 0"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--fid-slices", "-1"], ["--fid-slices", ">= 0"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--data", "EMPTY"], ["EMPTY", "no DWI found"]),
+    ("evaluate", [*EVALUATE, "--out", "OUT", "--names", "a", "b"], ["--names", "2 names for 1"]),
+    ("probe", [*EXTRACT, "--out", "FILE"], ["FILE", ".npz"]),
+    ("probe", [*EXTRACT, "--out", "NPZDIR"], ["--out", "NPZDIR", "is a folder"]),
+    ("probe", [*EXTRACT, "--out", "RO/f.npz"], ["--out", "RO", "cannot write"]),
+    ("probe", [*EXTRACT, "--out", "OUT.npz", "--draws", "0"], ["--draws", ">= 1"]),
+    ("probe", [*EXTRACT, "--out", "OUT.npz", "--volumes", "0"], ["--volumes", ">= 1"]),
+    ("probe", [*EXTRACT, "--out", "OUT.npz", "--slab", "0"], ["--slab", ">= 1"]),
+    ("probe", [*EXTRACT, "--out", "OUT.npz", "--data", "EMPTY"], ["EMPTY", "no DWI found"]),
+    ("probe", [*FIT, "--out", "NPZDIR"], ["--out", "NPZDIR", "is a folder"]),
+    ("probe", [*FIT, "--out", "RO/r.json"], ["--out", "RO", "cannot write"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--seed", "-1"], ["--seed", ">= 0"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--save-probe", "EMPTY"], ["--save-probe", "EMPTY", "is a folder"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--features", "MISSING"], ["MISSING", "features file"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--labels", "MISSING"], ["MISSING", "labels CSV"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--target", "height"], ["CSV", "no column 'height'"]),
+    ("probe", [*FINETUNE, "--epochs", "0"], ["--epochs", ">= 1"]),
+    ("probe", [*FINETUNE, "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    ("probe", [*FINETUNE, "--lr", "-0.001"], ["--lr", ">= 0"]),
+    ("probe", [*FINETUNE, "--lora-rank", "0"], ["--lora-rank", ">= 1"]),
+    ("probe", [*FINETUNE, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+]
+
+
+def _resolve(words, paths):
+    """Replace the path names of ``paths`` (also as the head of NAME/rest) by the paths."""
+    def one(word):
+        head, _, rest = word.partition("/")
+        if head in paths:
+            return str(paths[head] / rest) if rest else str(paths[head])
+        return word.replace("OUT.", f"{paths['OUT']}.")
+    return [one(w) for w in words]
+
+
+@pytest.mark.parametrize(("command", "argv", "words"), CASES, ids=[f"{c}-{'-'.join(a[:1] + a[-2:])}" for c, a, _ in CASES])
+def test_bad_value_is_one_line_and_exit_2(paths, capsys, command, argv, words):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DWIWarning)
+        code = COMMANDS[command](_resolve(argv, paths))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error") and "Traceback" not in err, err
+    for word in _resolve(words, paths):
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+def test_reconstruct_refuses_an_existing_file_as_out(paths, capsys):
+    """The values are checked before the DWI is read: an --out that is a file stops the run at once."""
+    before = paths["FILE"].read_text()
+    assert cli.main(["reconstruct", str(paths["DWI"]), "--out", str(paths["FILE"]), "--progress", "none"]) == 2
+    assert f"--out {paths['FILE']}: exists and is not a folder" in capsys.readouterr().err
+    assert paths["FILE"].read_text() == before and not paths["OUT"].exists()
+
+
+def test_find_dwis_takes_one_dwi_file(paths, crops):
+    """train.py, evaluate.py and probe.py all take --data as one DWI file, a folder or a list (find_dwis)."""
+    assert tdata.find_dwis(paths["DWI"]) == [paths["DWI"].resolve()]
+    nrrd = crops / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd"
+    assert tdata.find_dwis(nrrd) == [nrrd.resolve()]
+    with pytest.raises(tdata.DataError, match="no lone.bval beside this NIfTI"):
+        tdata.find_dwis(paths["NOBVAL"])
+
+
+def test_fit_names_the_ids_missing_from_each_file(paths, capsys):
+    argv = _resolve([*FIT, "--out", "OUT.json"], paths)
+    assert probe.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "only 2 subject(s) have both features and a label" in err
+    assert f"['sub-07', 'sub-08'] in {paths['NPZ']} have no label" in err
+    assert f"['sub-03', 'sub-04'] in {paths['CSV']} have no features" in err
+
+
+def test_more_volumes_than_the_dwi_has_warns_once(crops, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DWIWarning)
+        dwi = load_dwi(crops / "canon_oblique_all20d" / "dwi.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="DRoPE.reconstruct"):
+        subset, index = select_volumes(dwi, 100000, seed=0)
+    assert subset is dwi and np.array_equal(index, np.arange(13))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "100000 volumes asked for" in messages[0] and "using all 13" in messages[0]
+    caplog.clear()
+    select_volumes(dwi, 13, seed=0)
+    assert not caplog.records
