@@ -16,6 +16,7 @@ import numpy as np
 B0_THRESHOLD = 50.0  # s/mm^2: b below this is b0
 SHELL_TOLERANCE = 50.0  # s/mm^2: b within this of a shell belongs to that shell
 UNIT_NORM_ATOL = 1e-2  # b-vectors further than this from unit norm trigger a warning before normalising
+MAX_BVALUE = 1e5  # s/mm^2: far above any human (even ex-vivo) protocol; larger b-values are taken as a unit error
 
 
 class DWIError(ValueError):
@@ -95,6 +96,7 @@ class GradientTable:
             raise GradientTableError(f"{where}b-vectors contain NaN/inf at volumes {_bad(bad)}")
         if np.any(bvals < 0):
             raise GradientTableError(f"{where}negative b-values at volumes {_bad(bvals < 0)}")
+        _check_bvalue_scale(bvals, where)
         is_b0 = bvals < B0_THRESHOLD
         norms = np.linalg.norm(bvecs, axis=1)
         zero = (~is_b0) & (norms < 1e-6)
@@ -123,7 +125,6 @@ class GradientTable:
 
     def _warn_protocol(self) -> None:
         where = _where(self.source)
-        dw = ~self.b0s_mask
         if len(self.shells) == 1:
             warnings.warn(f"{where}single-shell acquisition (b={self.shells[0]:g})", DWIWarning, stacklevel=3)
         if 0 < self.n_directions < 6:
@@ -132,8 +133,6 @@ class GradientTable:
                 DWIWarning,
                 stacklevel=3,
             )
-        if not np.any(dw):
-            warnings.warn(f"{where}no diffusion-weighted volume", DWIWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.bvals)
@@ -178,6 +177,23 @@ class GradientTable:
         for shell in self.shells:
             parts.append(f"{int(np.sum(self.shell_bvals == shell))} x b={shell:g}")
         return " + ".join(parts) + f" ({self.n_directions} directions)"
+
+
+
+def _check_bvalue_scale(bvals: np.ndarray, where: str) -> None:
+    """GradientTableError for b-values that cannot be s/mm^2: no diffusion weighting at all, or b > MAX_BVALUE."""
+    largest = float(bvals.max())
+    if largest < B0_THRESHOLD:
+        unit = (" (these look like ms/um^2: multiply by 1000 for s/mm^2)" if largest > 0 else "")
+        raise GradientTableError(
+            f"{where}no diffusion-weighted volume: the largest b-value is {largest:g}, below the b0 threshold "
+            f"{B0_THRESHOLD:g} s/mm^2{unit}"
+        )
+    if largest > MAX_BVALUE:
+        raise GradientTableError(
+            f"{where}b-values up to {largest:g} are far above any diffusion protocol in s/mm^2 "
+            f"(these look like s/m^2: divide by 1e6 for s/mm^2)"
+        )
 
 
 def _bad(mask: np.ndarray, limit: int = 8) -> str:

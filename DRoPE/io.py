@@ -35,7 +35,7 @@ import numpy as np
 
 from .atomic import atomic_path, full_suffix
 from .dwi import DWI, InputGrid
-from .gradients import B0_THRESHOLD, DWIError, DWIWarning, GradientTable, GradientTableError
+from .gradients import B0_THRESHOLD, UNIT_NORM_ATOL, DWIError, DWIWarning, GradientTable, GradientTableError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def load_dwi(path, bval=None, bvec=None) -> DWI:
         bval, bvec: FSL b-value / b-vector files. Default: found beside the image by name
             (``x.nii.gz`` -> ``x.bval`` / ``x.bvec``, also ``.bvals`` / ``.bvecs``). Required for NIfTI and for
             NRRD files without ``modality:=DWMRI``; when given for a DWMRI NRRD they replace its header gradients.
-            The ``.bvec`` may be 3 x N (FSL) or N x 3; a 3 x 3 table is read as FSL 3 x N.
+            The ``.bvec`` may be 3 x N (FSL) or N x 3; a 3 x 3 table is read the way that gives unit vectors
+            on the weighted volumes and zeros on the b0s (FSL 3 x N when both do).
 
     Returns a ``DWI`` whose data are (X, Y, Z, N) float32 in canonical RAS+ voxel order (scl_slope/scl_inter
     applied), b-values in s/mm^2 (b < 50 becomes b0 with a zero b-vector) and unit b-vectors in the canonical
@@ -285,7 +286,7 @@ def sidecar_paths(image_path) -> tuple[Path, Path]:
 def _read_fsl_table(image: Path, bval_path: Path, bvec_path: Path, n_volumes: int, affine: np.ndarray):
     """FSL bval/bvec -> b-values (N,) and b-vectors (N, 3) in the on-disk voxel frame (det > 0 x flip undone)."""
     bvals = _read_bvals(bval_path)
-    bvecs = _read_bvecs(bvec_path)
+    bvecs = _read_bvecs(bvec_path, bvals)
     if len(bvals) != n_volumes:
         raise GradientTableError(f"{bval_path} has {len(bvals)} b-values but {image} has {n_volumes} volumes")
     if len(bvecs) != n_volumes:
@@ -319,10 +320,23 @@ def _read_bvals(path: Path) -> np.ndarray:
     return table.reshape(-1)
 
 
-def _read_bvecs(path: Path) -> np.ndarray:
-    """FSL .bvec: 3 x N (FSL) or N x 3 (transposed, detected by shape) -> (N, 3). A 3 x 3 table is read as 3 x N."""
+def _read_bvecs(path: Path, bvals: np.ndarray) -> np.ndarray:
+    """FSL .bvec: 3 x N (FSL) or N x 3 (transposed, detected by shape) -> (N, 3).
+
+    A 3 x 3 table (three volumes) fits both readings: the one whose rows are unit vectors on the weighted volumes
+    and zero on the b0s wins (FSL 3 x N when both fit); a table that fits neither is an error.
+    """
     table = _read_numbers(path, "b-vector")
-    if table.shape[0] == 3:
+    if table.shape == (3, 3) and len(bvals) == 3:
+        fits = [_fits_table(candidate, bvals) for candidate in (table.T, table)]
+        if not any(fits):
+            raise GradientTableError(
+                f"{path}: a 3 x 3 table that is neither 3 x N nor N x 3 b-vectors for the b-values "
+                f"{bvals.tolist()} (want unit vectors on weighted volumes, zeros on b0s)"
+            )
+        if fits[0]:
+            return table.T
+    elif table.shape[0] == 3:
         return table.T
     if table.shape[1] == 3:
         warnings.warn(f"{path}: b-vectors stored as N x 3 (one vector per row); read as transposed", DWIWarning)
@@ -330,6 +344,13 @@ def _read_bvecs(path: Path) -> np.ndarray:
     raise GradientTableError(
         f"{path}: b-vectors must be 3 x N (FSL) or N x 3, got a {table.shape[0]} x {table.shape[1]} table"
     )
+
+
+def _fits_table(bvecs: np.ndarray, bvals: np.ndarray) -> bool:
+    """(N, 3) rows are unit (within UNIT_NORM_ATOL) on weighted volumes and zero on b0s."""
+    norms = np.linalg.norm(bvecs, axis=1)
+    weighted = bvals >= B0_THRESHOLD
+    return bool(np.all(np.abs(norms[weighted] - 1.0) <= UNIT_NORM_ATOL) and np.all(norms[~weighted] < UNIT_NORM_ATOL))
 
 
 def _check_volumes(path: Path, data: np.ndarray) -> None:

@@ -188,3 +188,49 @@ def test_more_volumes_than_the_dwi_has_warns_once(crops, caplog):
     caplog.clear()
     select_volumes(dwi, 13, seed=0)
     assert not caplog.records
+
+
+# --- wrong units and ambiguous tables: errors, not silently wrong results ----------------------------------------
+
+
+def _dwi_with_table(folder: Path, crops: Path, bvals, bvec_text: str, volumes=None) -> Path:
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = nib.load(crops / "canon_oblique_all20d" / "dwi.nii.gz")
+    data = np.asarray(source.dataobj)
+    if volumes is not None:
+        data = data[..., volumes]
+    nib.save(nib.Nifti1Image(data, source.affine, source.header), folder / "dwi.nii.gz")
+    (folder / "dwi.bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    (folder / "dwi.bvec").write_text(bvec_text)
+    return folder / "dwi.nii.gz"
+
+
+@pytest.mark.parametrize("scale, unit", [(1e-3, "ms/um^2"), (1e6, "s/m^2")])
+def test_b_values_in_another_unit_stop_with_the_likely_unit(tmp_path, crops, capsys, scale, unit):
+    bvals = np.loadtxt(crops / "canon_oblique_all20d" / "dwi.bval") * scale
+    bvecs = (crops / "canon_oblique_all20d" / "dwi.bvec").read_text()
+    dwi = _dwi_with_table(tmp_path / "in", crops, bvals, bvecs)
+    assert cli.main(["dti", str(dwi), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dwi.bval" in err and unit in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_3_by_3_table_is_read_the_way_that_fits_the_b_values(tmp_path, crops):
+    g = np.array([[0.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])  # one vector per row: b0, then two
+    rows = "\n".join(" ".join(f"{v:g}" for v in row) for row in g) + "\n"
+    dwi = _dwi_with_table(tmp_path / "in", crops, [0, 1500, 1500], rows, volumes=[0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DWIWarning)
+        loaded = load_dwi(dwi)
+    raw = np.array([[0.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])
+    # read as N x 3 (the 3 x N reading has a non-zero b0 column): directions are these rows, up to the frame
+    assert np.allclose(np.abs(loaded.gtab.bvecs @ loaded.gtab.bvecs.T), np.abs(raw @ raw.T), atol=1e-6)
+
+
+def test_a_3_by_3_table_that_fits_neither_reading_is_an_error(tmp_path, crops):
+    dwi = _dwi_with_table(tmp_path / "in", crops, [0, 1500, 1500], "1 2 3\n4 5 6\n7 8 9\n", volumes=[0, 1, 2])
+    with pytest.raises(Exception, match="neither 3 x N nor N x 3"):
+        load_dwi(dwi)
