@@ -354,11 +354,17 @@ def _fits_table(bvecs: np.ndarray, bvals: np.ndarray) -> bool:
 
 
 def _check_volumes(path: Path, data: np.ndarray) -> None:
-    """Raise DWIError for NaN/inf voxels or two volumes with identical voxel data. data: (X, Y, Z, N)."""
+    """Raise DWIError for NaN/inf voxels, constant volumes or two volumes with identical voxel data. data: (X, Y, Z, N)."""
     finite = np.isfinite(data).all(axis=(0, 1, 2))
     if not finite.all():
         bad = ", ".join(str(i) for i in np.flatnonzero(~finite))
         raise DWIError(f"{path}: NaN/inf voxel values in volumes {bad}")
+    flat = data.reshape(-1, data.shape[3])
+    constant = flat.min(axis=0) == flat.max(axis=0)
+    if constant.any():
+        value = float(flat[0, np.flatnonzero(constant)[0]])
+        what = "all zero" if constant.all() and value == 0 else f"constant (every voxel {value:g})"
+        raise DWIError(f"{path}: volumes {_list(np.flatnonzero(constant))} are {what}: no image in them")
     sums = data.sum(axis=(0, 1, 2), dtype=np.float64)  # identical volumes have identical sums; compare only those
     for first in range(data.shape[3]):
         for index in np.flatnonzero(sums[first + 1 :] == sums[first]) + first + 1:
@@ -367,6 +373,11 @@ def _check_volumes(path: Path, data: np.ndarray) -> None:
                     f"{path}: volumes {first} and {index} have identical voxel data (a duplicated volume); "
                     "remove the copy and its bval/bvec entries"
                 )
+
+
+def _list(index: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in index[:limit])
+    return shown + (f" ... ({len(index)} in all)" if len(index) > limit else "")
 
 
 def _warn_voxels(path: Path, affine: np.ndarray) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -234,3 +235,16 @@ def test_a_3_by_3_table_that_fits_neither_reading_is_an_error(tmp_path, crops):
     dwi = _dwi_with_table(tmp_path / "in", crops, [0, 1500, 1500], "1 2 3\n4 5 6\n7 8 9\n", volumes=[0, 1, 2])
     with pytest.raises(Exception, match="neither 3 x N nor N x 3"):
         load_dwi(dwi)
+
+
+@pytest.mark.parametrize("fill, words", [(0.0, "all zero"), (7.0, "constant (every voxel 7)")])
+def test_a_blank_image_says_what_is_wrong(tmp_path, crops, fill, words):
+    import nibabel as nib
+
+    dwi = _dwi_with_table(tmp_path / "in", crops, np.loadtxt(crops / "canon_oblique_all20d" / "dwi.bval"),
+                          (crops / "canon_oblique_all20d" / "dwi.bvec").read_text())
+    img = nib.load(dwi)
+    nib.save(nib.Nifti1Image(np.full(img.shape, fill, np.float32), img.affine), dwi)
+    with pytest.raises(Exception, match=re.escape(words)) as error:
+        load_dwi(dwi)
+    assert str(dwi) in str(error.value) and "duplicated" not in str(error.value)
