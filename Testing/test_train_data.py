@@ -347,3 +347,11 @@ def test_protocol_augment_resynthesises_an_isotropic_tensor():
     assert set(new_bvals) <= {1000.0, 2000.0, 3000.0}  # weighted volumes only: b0 is the reference
     np.testing.assert_allclose(np.linalg.norm(new_bvecs, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(out[:, 3, 3, 2], np.exp(-new_bvals * D), rtol=1e-3)
+
+
+def test_listed_dwis_with_one_file_name_get_their_folders_as_names(tmp_path):
+    paths = [_touch(tmp_path / "data" / series / "dwi.nii.gz").resolve() for series in ("a/s1", "a/s2", "b/s1")]
+    listing = tmp_path / "lists" / "train.txt"
+    listing.parent.mkdir()
+    listing.write_text("\n".join(map(str, paths)) + "\n")
+    assert tdata.subject_names(paths, listing) == ["a/s1/dwi", "a/s2/dwi", "b/s1/dwi"]

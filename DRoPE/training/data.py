@@ -125,8 +125,16 @@ def subject_name(path: Path, root: Path | None) -> str:
 
 
 def subject_names(paths: Sequence[Path], root: Path | None) -> list[str]:
-    """``subject_name`` of each path; where two coincide (x.nii.gz and x.nrrd), the file suffix is kept."""
+    """``subject_name`` of each path; where two coincide (x.nii.gz and x.nrrd), the file suffix is kept.
+
+    Paths outside the data root (a list file naming DWIs elsewhere) are named relative to their common folder when
+    their file names alone would coincide (many ``SERIES/dwi.nii.gz``).
+    """
     names = [subject_name(p, root) for p in paths]
+    if len(set(names)) < len(names) and len(paths) > 1:
+        common = Path(os.path.commonpath([_stem(Path(p)).parent for p in paths]))
+        names = [_stem(Path(p)).relative_to(common).as_posix() if n == _stem(Path(p)).name else n
+                 for n, p in zip(names, paths)]
     return [name + full_suffix(p) if names.count(name) > 1 else name for name, p in zip(names, paths)]
 
 
