@@ -12,8 +12,9 @@ Slabs: the model is pretrained on slabs of a few slices (4 by default, the depth
 slab by slab, exactly as in training; this also bounds memory for any brain size and number of volumes. The
 latent of the scan is the mean of the slabs' CLS vectors, weighted by their brain-voxel count.
 
-The reconstruction is the model's prediction for every patch (visible ones included; nothing is pasted back),
-multiplied back by the input's mean b0, in the units of the input.
+The reconstruction is the completed DWI in the units of the input: the model's prediction (multiplied back by the
+input's mean b0) where a patch was hidden from the encoder, the acquired signal where it was shown (and in the b0
+volumes), so FA / MD of the reconstruction measure what the model adds.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Reconstruction:
     Attributes:
         dwi: the input restricted to the selected volumes.
         volume_index: (V,) indices of the selected volumes in the input file.
-        recon: (X, Y, Z, V) reconstructed signal (input units); b0 volumes are the input's.
+        recon: (X, Y, Z, V) completed signal (input units): the model's prediction where hidden, else the input.
         visible: (X, Y, Z, V) bool, False where the patch was hidden from the encoder (b0 volumes: all True).
         mask: (X, Y, Z) bool brain mask.
         attention: (X, Y, Z) CLS -> patch attention of the last encoder block, averaged over volumes and heads.
@@ -161,13 +162,13 @@ def run_reconstruction(
     pred, visible, attention, diffusion, latent = outputs
     report(0.8, "back on the input grid")
     b0 = mean_b0(subset.data, subset.gtab)
-    recon = prep.to_input(pred) * b0[..., None] * mask[..., None]
-    recon[..., subset.gtab.b0s_mask] = subset.data[..., subset.gtab.b0s_mask] * mask[..., None]
+    shown = prep.to_input(visible.astype(np.uint8)).astype(bool)
+    recon = np.where(shown, subset.data, prep.to_input(pred) * b0[..., None]) * mask[..., None]
     result = Reconstruction(
         dwi=subset,
         volume_index=index,
         recon=recon.astype(np.float32),
-        visible=prep.to_input(visible.astype(np.uint8)).astype(bool),
+        visible=shown,
         mask=mask,
         attention=prep.to_input(attention),
         diffusion_attention=diffusion,
@@ -307,7 +308,6 @@ def _summary(result: Reconstruction, prep, weights, meta, settings, slab, device
     inside = np.broadcast_to(result.mask[..., None], result.visible.shape)
     metrics = {
         "mae_normalised_masked": _mean(np.abs(err), inside & ~result.visible),
-        "mae_normalised_visible": _mean(np.abs(err), inside & result.visible),
         "mse_normalised_masked": _mean(err**2, inside & ~result.visible),
     }
     if result.maps:

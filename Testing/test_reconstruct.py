@@ -124,6 +124,11 @@ def test_b0_volumes_are_carried_over_and_not_given_to_the_model(tiny_weights, sm
     assert seen and min(seen) >= 50
     b0 = dwi.gtab.b0s_mask
     np.testing.assert_allclose(result.recon[..., b0], dwi.data[..., b0] * result.mask[..., None], rtol=1e-6)
+    # the reconstruction is the completed DWI: the acquired signal wherever a patch was shown
+    shown = result.visible & result.mask[..., None]
+    np.testing.assert_array_equal(result.recon[shown], dwi.data[shown])
+    hidden = ~result.visible & result.mask[..., None]
+    assert not np.allclose(result.recon[hidden], dwi.data[hidden])
 
 
 def test_volume_subset_holds_a_b0_and_is_seeded(small_dwi):
