@@ -46,7 +46,7 @@ BVEC_SUFFIXES = (".bvec", ".bvecs")
 ANISOTROPY_RATIO = 1.1  # largest / smallest voxel size above this triggers a warning
 GZIP_LEVEL = 1  # fast compression for written NRRDs (nibabel's .nii.gz default is also 1)
 
-_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError)
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, StopIteration)
 _SPACE_TO_RAS = {  # NRRD space -> diagonal that maps its coordinates to RAS
     "right-anterior-superior": (1.0, 1.0, 1.0),
     "ras": (1.0, 1.0, 1.0),
@@ -121,12 +121,23 @@ def _load(path: Path, bval, bvec) -> DWI:
 
 def _canonical_dwi(path, data, affine, bvals, bvecs_disk, source, inputs) -> DWI:
     """Reorient on-disk data (X, Y, Z, N) and on-disk voxel-frame b-vectors (N, 3) to the canonical frame."""
+    _check_affine(path, affine)
     grid = InputGrid.from_affine(data.shape, affine)
     bvecs = bvecs_disk @ grid.voxel_to_canonical.T
     gtab = GradientTable.create(bvals, bvecs, source=source)
     _warn_voxels(path, affine)
     canonical = np.array(grid.to_canonical(data), dtype=np.float32, order="K")  # positive strides, no transpose
     return DWI(canonical, grid.canonical_affine(), gtab, grid, str(path), (), inputs)
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    """DWIError unless the voxel -> world matrix is finite and invertible (a zero sform/qform is neither)."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-12:
+        raise DWIError(
+            f"{path}: the voxel-to-world matrix of the header is singular or not finite ({linear.tolist()}); the "
+            "image has no usable orientation: fix the header's sform/qform (or NRRD space directions)"
+        )
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

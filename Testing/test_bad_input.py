@@ -248,3 +248,48 @@ def test_a_blank_image_says_what_is_wrong(tmp_path, crops, fill, words):
     with pytest.raises(Exception, match=re.escape(words)) as error:
         load_dwi(dwi)
     assert str(dwi) in str(error.value) and "duplicated" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "unreadable weights"),
+    ("json-list", "not an object"),
+])
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(paths, tmp_path, capsys, damage, words):
+    weights = tmp_path / "weights"
+    shutil.copytree(REPO / "Resources" / "model", weights)
+    if damage == "truncate":
+        (weights / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:4000])
+    else:
+        (weights / "model.json").write_text("[1, 2, 3]\n")
+    code = cli.main(["reconstruct", str(paths["DWI"]), "--weights", str(weights), "--out", str(paths["OUT"]),
+                     "--progress", "none"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err and str(weights) in err
+
+
+def test_an_empty_nrrd_is_a_clear_error(tmp_path):
+    empty = tmp_path / "dwi.nrrd"
+    empty.write_bytes(b"")
+    with pytest.raises(Exception) as error:
+        load_dwi(empty)
+    assert str(empty) in str(error.value) and type(error.value).__name__ != "StopIteration"
+
+
+def test_a_zero_affine_is_one_line_and_exit_2(tmp_path, crops, capsys):
+    import nibabel as nib
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = nib.load(crops / "canon_oblique_all20d" / "dwi.nii.gz")
+    image = nib.Nifti1Image(np.asarray(source.dataobj), source.affine, source.header)
+    image.header.set_qform(None, code=0)
+    for row in ("srow_x", "srow_y", "srow_z"):
+        image.header[row] = 0
+    image.header["sform_code"] = 1
+    image.update_header = lambda: None  # keep the zero sform as written
+    image.to_filename(folder / "dwi.nii.gz")
+    for name in ("dwi.bval", "dwi.bvec"):
+        shutil.copy(crops / "canon_oblique_all20d" / name, folder / name)
+    assert cli.main(["info", str(folder / "dwi.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "singular" in err and str(folder / "dwi.nii.gz") in err

@@ -55,8 +55,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     _, meta_path = _paths(path)
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: holds a JSON {type(meta).__name__}, not an object; not a DRoPE model checkpoint")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -77,10 +79,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     meta = read_metadata(meta_path)
     try:
         config = ModelConfig.from_dict(meta["config"])
-    except (ModelConfigError, TypeError) as err:
+    except (ModelConfigError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{meta_path}: invalid model config: {err}") from None
     model = DRoPEMAE(config)
-    state = load_file(str(weights_path), device="cpu")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{weights_path}: unreadable weights, corrupt or truncated ({err})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
