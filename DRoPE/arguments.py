@@ -26,6 +26,14 @@ def in_range(value, flag: str, low, high=None) -> None:
         raise ArgumentError(f"{flag} must be in [{low}, {high}), got {value}")
 
 
+def scan_flags(args) -> None:
+    """Check ``--volumes``, ``--seed`` and ``--slab`` of a command that reads scans slab by slab (reconstruct,
+    evaluate, probe extract / finetune)."""
+    in_range(args.volumes, "--volumes", 1)
+    in_range(args.seed, "--seed", 0)
+    in_range(args.slab, "--slab", 1)
+
+
 def input_file(path, flag: str) -> None:
     """Raise unless ``path`` is None (not given) or an existing file."""
     if path is not None and not Path(path).is_file():

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from .arguments import in_range, input_file, output_folder
+from .arguments import in_range, input_file, output_folder, scan_flags
 from .atomic import full_suffix
 from .dti import DTIModel, mean_b0
 from .dwi import DWI
@@ -219,9 +219,7 @@ def _check_reconstruct_args(args: argparse.Namespace) -> None:
 
     output_folder(args.out, "--out")
     in_range(args.mask_ratio, "--mask-ratio", 0, 1)
-    in_range(args.volumes, "--volumes", 1)
-    in_range(args.seed, "--seed", 0)
-    in_range(args.slab, "--slab", 1)
+    scan_flags(args)
     if args.probe is not None:
         load_probe(args.probe)
 

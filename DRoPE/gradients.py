@@ -90,19 +90,19 @@ class GradientTable:
                 f"{where}{len(bvecs)} b-vectors but {len(bvals)} b-values; each volume needs one of each"
             )
         if not np.all(np.isfinite(bvals)):
-            raise GradientTableError(f"{where}b-values contain NaN/inf at volumes {_bad(~np.isfinite(bvals))}")
+            raise GradientTableError(f"{where}b-values contain NaN/inf at volumes {volume_list(~np.isfinite(bvals))}")
         if not np.all(np.isfinite(bvecs)):
             bad = ~np.all(np.isfinite(bvecs), axis=1)
-            raise GradientTableError(f"{where}b-vectors contain NaN/inf at volumes {_bad(bad)}")
+            raise GradientTableError(f"{where}b-vectors contain NaN/inf at volumes {volume_list(bad)}")
         if np.any(bvals < 0):
-            raise GradientTableError(f"{where}negative b-values at volumes {_bad(bvals < 0)}")
+            raise GradientTableError(f"{where}negative b-values at volumes {volume_list(bvals < 0)}")
         _check_bvalue_scale(bvals, where)
         is_b0 = bvals < B0_THRESHOLD
         norms = np.linalg.norm(bvecs, axis=1)
         zero = (~is_b0) & (norms < 1e-6)
         if np.any(zero):
             raise GradientTableError(
-                f"{where}zero-norm b-vectors on diffusion-weighted volumes {_bad(zero)} (b > {B0_THRESHOLD:g})"
+                f"{where}zero-norm b-vectors on diffusion-weighted volumes {volume_list(zero)} (b > {B0_THRESHOLD:g})"
             )
         if require_b0 and not np.any(is_b0):
             raise GradientTableError(
@@ -179,7 +179,6 @@ class GradientTable:
         return " + ".join(parts) + f" ({self.n_directions} directions)"
 
 
-
 def _check_bvalue_scale(bvals: np.ndarray, where: str) -> None:
     """GradientTableError for b-values that cannot be s/mm^2: no diffusion weighting at all, or b > MAX_BVALUE."""
     largest = float(bvals.max())
@@ -196,7 +195,8 @@ def _check_bvalue_scale(bvals: np.ndarray, where: str) -> None:
         )
 
 
-def _bad(mask: np.ndarray, limit: int = 8) -> str:
+def volume_list(mask: np.ndarray, limit: int = 8) -> str:
+    """'3, 7, 9' for the True entries of a (N,) bool mask, shortened after ``limit`` with the count."""
     idx = np.flatnonzero(mask)
     text = ", ".join(str(i) for i in idx[:limit])
     return text + (f", ... ({len(idx)} in all)" if len(idx) > limit else "")

@@ -35,7 +35,15 @@ import numpy as np
 
 from .atomic import atomic_path, full_suffix
 from .dwi import DWI, InputGrid
-from .gradients import B0_THRESHOLD, UNIT_NORM_ATOL, DWIError, DWIWarning, GradientTable, GradientTableError
+from .gradients import (
+    B0_THRESHOLD,
+    UNIT_NORM_ATOL,
+    DWIError,
+    DWIWarning,
+    GradientTable,
+    GradientTableError,
+    volume_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +369,8 @@ def _fits_table(bvecs: np.ndarray, bvals: np.ndarray) -> bool:
     """(N, 3) rows are unit (within UNIT_NORM_ATOL) on weighted volumes and zero on b0s."""
     norms = np.linalg.norm(bvecs, axis=1)
     weighted = bvals >= B0_THRESHOLD
-    return bool(np.all(np.abs(norms[weighted] - 1.0) <= UNIT_NORM_ATOL) and np.all(norms[~weighted] < UNIT_NORM_ATOL))
+    unit = np.all(np.abs(norms[weighted] - 1.0) <= UNIT_NORM_ATOL)
+    return bool(unit and np.all(norms[~weighted] < UNIT_NORM_ATOL))
 
 
 def _check_volumes(path: Path, data: np.ndarray) -> None:
@@ -375,7 +384,7 @@ def _check_volumes(path: Path, data: np.ndarray) -> None:
     if constant.any():
         value = float(flat[0, np.flatnonzero(constant)[0]])
         what = "all zero" if constant.all() and value == 0 else f"constant (every voxel {value:g})"
-        raise DWIError(f"{path}: volumes {_list(np.flatnonzero(constant))} are {what}: no image in them")
+        raise DWIError(f"{path}: volumes {volume_list(constant)} are {what}: no image in them")
     sums = data.sum(axis=(0, 1, 2), dtype=np.float64)  # identical volumes have identical sums; compare only those
     for first in range(data.shape[3]):
         for index in np.flatnonzero(sums[first + 1 :] == sums[first]) + first + 1:
@@ -384,11 +393,6 @@ def _check_volumes(path: Path, data: np.ndarray) -> None:
                     f"{path}: volumes {first} and {index} have identical voxel data (a duplicated volume); "
                     "remove the copy and its bval/bvec entries"
                 )
-
-
-def _list(index: np.ndarray, limit: int = 8) -> str:
-    shown = ", ".join(str(i) for i in index[:limit])
-    return shown + (f" ... ({len(index)} in all)" if len(index) > limit else "")
 
 
 def _warn_voxels(path: Path, affine: np.ndarray) -> None:

@@ -100,9 +100,13 @@ class Reconstruction:
     attention: np.ndarray
     diffusion_attention: np.ndarray
     latent: np.ndarray
-    weighted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     maps: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+
+    @property
+    def weighted(self) -> np.ndarray:
+        """(W,) indices of the diffusion-weighted volumes (the model's tokens) among the V selected ones."""
+        return np.flatnonzero(~self.dwi.gtab.b0s_mask)
 
 
 def resolve_slab(settings: ReconstructSettings, meta: dict, patch_depth: int) -> int:
@@ -173,7 +177,6 @@ def run_reconstruction(
         attention=prep.to_input(attention),
         diffusion_attention=diffusion,
         latent=latent,
-        weighted=weighted_volumes(prep),
     )
     report(0.85, "DTI of original and reconstruction")
     result.maps = dti_maps(subset, recon, mask)

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import numpy as np
 
 from DRoPE import __version__
-from DRoPE.arguments import in_range, output_folder
+from DRoPE.arguments import output_folder, scan_flags
 from DRoPE.device import select_device
 from DRoPE.evaluation import atlas, report
 from DRoPE.baselines import BASELINES
@@ -121,9 +121,7 @@ def run(args) -> int:
     if args.fid_slices < 0:
         raise EvaluationError(f"--fid-slices must be >= 0, got {args.fid_slices}")
     output_folder(args.out, "--out")
-    in_range(args.volumes, "--volumes", 1)
-    in_range(args.seed, "--seed", 0)
-    in_range(args.slab, "--slab", 1)
+    scan_flags(args)
     paths = find_dwis(args.data)
     subjects = subject_ids(paths)
     out = Path(args.out)

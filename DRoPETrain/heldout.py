@@ -84,12 +84,11 @@ def evaluate_scan(dwi, checkpoints: dict[str, Path], mask_ratio: float, seed: in
     predictions.update(baseline_predictions(target, visible, dwi.gtab, mask))
     hidden = mask[..., None] & ~visible
     fa_error = FAError(dwi, mask)
-    completed = {name: np.where(visible, target, p) for name, p in predictions.items()}
     return {
         "dwi": str(dwi.source),
         "seed": seed,
         "mse": {name: masked_mse(p, target, hidden) for name, p in predictions.items()},
-        "fa": {name: fa_error(c) for name, c in completed.items()},
+        "fa": {name: fa_error(p) for name, p in predictions.items()},
     }
 
 
@@ -128,7 +127,8 @@ def markdown_table(rows: list[dict], metric: str, methods: list[str]) -> str:
 
 def report(rows: list[dict], names: list[str], mask_ratio: float, seeds) -> str:
     methods = names + list(BASELINES)
-    header = f"{len(set(r['dwi'] for r in rows))} held-out scans, {mask_ratio:.0%} of patches hidden, seeds {list(seeds)}"
+    scans = len(set(r["dwi"] for r in rows))
+    header = f"{scans} held-out scans, {mask_ratio:.0%} of patches hidden, seeds {list(seeds)}"
     return (f"{header}\n\nMasked MSE (b0-normalised signal, hidden weighted voxels in the brain):\n\n"
             f"{markdown_table(rows, 'mse', methods)}\n\nFA error (mean |FA - FA acquired| over the brain, "
             f"hidden voxels filled by each method):\n\n{markdown_table(rows, 'fa', methods)}\n")

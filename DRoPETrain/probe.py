@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import numpy as np
 
 from DRoPE import __version__
-from DRoPE.arguments import in_range, output_file, output_folder
+from DRoPE.arguments import in_range, output_file, output_folder, scan_flags
 from DRoPE.atomic import atomic_path
 from DRoPE.device import select_device
 from DRoPE.evaluation.report import write_csv, write_json
@@ -151,9 +151,7 @@ def cmd_extract(args) -> int:
         raise ProbeCLIError(f"{out}: --out must end with .npz")
     output_file(out, "--out")
     in_range(args.draws, "--draws", 1)
-    in_range(args.volumes, "--volumes", 1)
-    in_range(args.slab, "--slab", 1)
-    in_range(args.seed, "--seed", 0)
+    scan_flags(args)
     paths = find_dwis(args.data)
     volumes = None if args.all_volumes else args.volumes
     latents, info = extract_latents(paths, args.checkpoint, draws=args.draws, volumes=volumes, seed=args.seed,
@@ -326,16 +324,14 @@ def cmd_invariance(args) -> int:
 
 def _check_finetune_args(args) -> None:
     output_folder(args.out, "--out")
-    in_range(args.seed, "--seed", 0)
+    scan_flags(args)
     in_range(args.epochs, "--epochs", 1)
     in_range(args.batch_size, "--batch-size", 1)
     in_range(args.lr, "--lr", 0)
     in_range(args.final_lr, "--final-lr", 0)
     in_range(args.weight_decay, "--weight-decay", 0)
-    in_range(args.volumes, "--volumes", 1)
     in_range(args.lora_rank, "--lora-rank", 1)
     in_range(args.lora_alpha, "--lora-alpha", 1)
-    in_range(args.slab, "--slab", 1)
 
 
 def cmd_finetune(args) -> int:

@@ -101,11 +101,11 @@ class CopyHead(nn.Module):
             nn.init.zeros_(layer.bias)
         nn.init.constant_(self.other_shell_score, OTHER_SHELL_SCORE)
 
-    def scores(self, features: torch.Tensor, bvals: torch.Tensor, distance: torch.Tensor | None) -> torch.Tensor:
-        """features (B, V, P, Dd) -> copy scores s_ij (B, P, V, V) before masking."""
+    def scores(self, features: torch.Tensor, shells: torch.Tensor, distance: torch.Tensor | None) -> torch.Tensor:
+        """features (B, V, P, Dd), shells (B, V, V) same-shell pairs -> copy scores s_ij (B, P, V, V) before masking."""
         q, k = self.query(features), self.key(features)  # (B, V, P, K)
         s = torch.einsum("bipk,bjpk->bpij", q, k) / math.sqrt(COPY_KEY_DIM)
-        pair = self.other_shell_score * (~same_shell(bvals)).to(s.dtype)  # (B, V, V)
+        pair = self.other_shell_score * (~shells).to(s.dtype)  # (B, V, V)
         if self.distance_score is not None:
             pair = pair + self.distance_score(distance.to(s.dtype)[..., None])[..., 0]
         return s + pair[:, None]
@@ -114,11 +114,12 @@ class CopyHead(nn.Module):
         """features (B, V, P, Dd) decoder tokens; patches (B, V, P, N) input patches (read only where visible);
         visible (B, V, P) bool; bvals (B, V); distance (B, V, V) D-RoPE distances. Returns (B, V, P, N)."""
         V = visible.shape[1]
+        shells = same_shell(bvals)
         candidates = visible.transpose(1, 2)[:, :, None, :] & ~torch.eye(V, dtype=torch.bool, device=visible.device)
         has_candidate = candidates.any(-1)  # (B, P, V)
-        scores = self.scores(features, bvals, distance).masked_fill(~candidates, float("-inf"))
+        scores = self.scores(features, shells, distance).masked_fill(~candidates, float("-inf"))
         weights = scores.softmax(-1).masked_fill(~has_candidate[..., None], 0.0)  # (B, P, V, V)
         copied = torch.einsum("bpij,bjpn->bipn", weights, patches * visible[..., None])
-        fallback = shell_fallback(patches, visible, same_shell(bvals))[:, :, None, None]
+        fallback = shell_fallback(patches, visible, shells)[:, :, None, None]
         copied = torch.where(has_candidate.transpose(1, 2)[..., None], copied, fallback)
         return copied * (1.0 + self.gain(features)) + self.correction(features)
