@@ -102,7 +102,8 @@ def test_ui_loads_with_quiloader_and_has_every_widget_the_module_uses():
 def test_module_uses_the_central_widgets():
     used = ui_names_used_by_module()
     for name in ("applyButton", "cancelButton", "progressBar", "statusLabel", "loadNiftiButton", "latentLabel",
-                 "predictionLabel", "weightsPathLineEdit", "useBundledWeightsCheckBox"):
+                 "predictionLabel", "showLogButton", "volumeSliderWidget", "warningsLabel", "metricsLabel",
+                 "probeBrowseButton", "inputSelector"):
         assert name in used, name
     widgets = ui_widgets()
     assert widgets["inputSelector"].get("class") == "qMRMLNodeComboBox"
@@ -138,19 +139,29 @@ class WithinRange:
     def __init__(self, minimum, maximum):
         self.minimum, self.maximum = minimum, maximum
 
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        super().__init__()  # as Slicer's does
+        self.moduleName = "DRoPEModule"
+
 class vtkMRMLDiffusionWeightedVolumeNode: pass
 class vtkMRMLScalarVolumeNode: pass
 
 module("qt")
-module("vtk", vtkCommand=NS(ModifiedEvent=33))
+vtk = module("vtk", vtkCommand=NS(ModifiedEvent=33))
+vtk.util = module("vtk.util")
+vtk.util.numpy_support = module("vtk.util.numpy_support")
+app_connections = []
 slicer = module("slicer", vtkMRMLDiffusionWeightedVolumeNode=vtkMRMLDiffusionWeightedVolumeNode,
-                vtkMRMLScalarVolumeNode=vtkMRMLScalarVolumeNode, mrmlScene=None)
+                vtkMRMLScalarVolumeNode=vtkMRMLScalarVolumeNode, mrmlScene=None,
+                app=NS(connect=lambda signal, slot: app_connections.append([signal, slot.__name__]),
+                       temporaryPath="/tmp"))
 slicer.i18n = module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
 slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", Choice=Choice, WithinRange=WithinRange,
                                      parameterNodeWrapper=lambda cls: cls)
 slicer.ScriptedLoadableModule = module(
     "slicer.ScriptedLoadableModule", ScriptedLoadableModule=type("ScriptedLoadableModule", (Base,), {}),
-    ScriptedLoadableModuleLogic=type("ScriptedLoadableModuleLogic", (Base,), {}),
+    ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (Base,), {}),
     ScriptedLoadableModuleWidget=type("ScriptedLoadableModuleWidget", (Base,), {}))
 slicer.util = module("slicer.util", VTKObservationMixin=type("VTKObservationMixin", (Base,), {}))
@@ -160,13 +171,20 @@ PROBE = r'''
 import typing
 import DRoPEModule as M
 
-result = {"heavy_imports": sorted(m for m in ("DRoPE", "torch", "nibabel", "dipy", "DRoPEModuleLib.mrml_io",
-                                              "DRoPEModuleLib.results") if m in sys.modules)}
+result = {"heavy_imports": sorted(m for m in ("DRoPE", "torch", "nibabel", "dipy", "safetensors")
+                                  if m in sys.modules)}
 parent = NS()
 M.DRoPEModule(parent)
+result["app_connections"] = app_connections
+sample_sources = []
+module("SampleData", SampleDataLogic=NS(registerCustomSampleDataSource=lambda **kw: sample_sources.append(kw)))
+M.registerSampleData()
+result["sample_sources"] = sample_sources
 result["title"], result["categories"] = parent.title, parent.categories
 result["contributors"], result["help"], result["ack"] = parent.contributors, parent.helpText, parent.acknowledgementText
 result["logic_base"] = [c.__name__ for c in M.DRoPEModuleLogic.__mro__]
+logic = M.DRoPEModuleLogic()
+result["logic_state"] = [logic.moduleName, str(logic.temp_dir), logic.run]
 result["test_base"] = [c.__name__ for c in M.DRoPEModuleTest.__mro__]
 
 fields = {}
@@ -190,31 +208,38 @@ class W(NS):
         self.style = style
 
 widget = M.DRoPEModuleWidget.__new__(M.DRoPEModuleWidget)
-widget.ui = NS(applyButton=W(), cancelButton=W(), weightsPathLineEdit=W(), statusLabel=W(), progressBar=W())
-widget._run = None
-params = NS(inputVolume=None, useBundledWeights=False, weightsPath=Path("."), device="auto", maskRatio=0.75,
-            volumes=0, probePath=Path("."), outputDir=Path("."))
+widget.ui = NS(applyButton=W(), cancelButton=W(), statusLabel=W(), progressBar=W())
+widget.logic = NS(run=None)
+params = NS(inputVolume=None, weightsPath=Path("."), device="auto", maskRatio=0.75, volumes=0, probePath="",
+            outputRoot=Path(sys.argv[1]).parent, draws=1)
 widget._parameterNode = params
 states = []
 def snapshot():
     widget._checkCanApply()
     states.append({"apply": widget.ui.applyButton.enabled, "tip": widget.ui.applyButton.toolTip,
-                   "cancel": widget.ui.cancelButton.enabled, "weights_edit": widget.ui.weightsPathLineEdit.enabled})
+                   "cancel": widget.ui.cancelButton.enabled})
 snapshot()                                   # nothing chosen
 params.inputVolume = vtkMRMLDiffusionWeightedVolumeNode()
 params.weightsPath = Path(sys.argv[1])       # an existing weights file
 snapshot()                                   # ready
 params.maskRatio = 0.95
-params.probePath = Path(sys.argv[1] + ".missing")
+params.probePath = sys.argv[1] + ".missing"
 snapshot()                                   # probe missing
-params.probePath = Path(".")
-widget._run = NS(running=True)
+params.probePath = ""
+params.draws = 0
+snapshot()                                   # draws out of range
+params.draws = 4
+widget.logic.run = NS(running=True)
 snapshot()                                   # running
 result["states"] = states
 widget._onProgress(0.426, "encoding")
 result["progress"] = [widget.ui.progressBar.value, widget.ui.statusLabel.text]
-widget._onError("input has no b0 volume")
+widget.logic.run = NS(running=False, log_tail=["loading", "", "step 3", "Traceback (most recent call last):",
+                                               "ValueError: input has no b0 volume"])
+widget._onError("ValueError: input has no b0 volume")
 result["error"] = [widget.ui.statusLabel.text, widget.ui.statusLabel.style]
+widget._onError("the engine stopped")
+result["error_with_log"] = widget.ui.statusLabel.text
 print(json.dumps(result))
 '''
 
@@ -233,7 +258,18 @@ def module_probe(tmp_path_factory):
 def test_module_metadata(module_probe):
     assert module_probe["title"] == "DRoPE" and module_probe["categories"] == ["Diffusion"]
     assert module_probe["contributors"] and "D-RoPE" in module_probe["help"] and "Chau" in module_probe["ack"]
-    assert "ScriptedLoadableModuleLogic" in module_probe["logic_base"]
+    assert "not for clinical use" in module_probe["help"] and "Slicer 5.10" in module_probe["help"]
+    assert "https://github.com/gustavochau/D-RoPE" in module_probe["help"]  # the code link the paper gives
+
+
+def test_sample_is_registered_with_sample_data(module_probe, sample_dir):
+    assert module_probe["app_connections"] == [["startupCompleted()", "registerSampleData"]]
+    (source,) = module_probe["sample_sources"]
+    assert source["uris"] == (sample_dir / "dwi.nrrd").as_uri() and source["uris"].startswith("file://")
+    assert source["category"] == "DRoPE" and source["loadFileTypes"] == "VolumeFile"
+    assert source["fileNames"].endswith(".nrrd") and Path(source["thumbnailFileName"]).is_file()
+    assert "ScriptedLoadableModuleLogic" in module_probe["logic_base"] and "DRoPELogic" in module_probe["logic_base"]
+    assert module_probe["logic_state"] == ["DRoPEModule", "/tmp", None]  # both bases initialised
     assert "ScriptedLoadableModuleTest" in module_probe["test_base"]
 
 
@@ -258,72 +294,47 @@ def test_parameter_node_fields_are_bound_to_compatible_widgets(module_probe):
             assert "range" in field, f"{name}: a slider binding needs WithinRange(...)"
     assert fields["device"]["choices"] == ["auto", "cpu", "cuda"]
     assert fields["maskRatio"]["range"] == [0.0, 0.95] and fields["maskRatio"]["default"] == "0.75"
+    assert fields["draws"]["range"][0] == 1 and fields["draws"]["default"] == "1"
+
+
+def test_path_fields_start_with_real_defaults(module_probe):
+    """No field starts as '.' (typing after the dot gave relative paths)."""
+    fields = module_probe["fields"]
+    weights = REPO_ROOT / "Resources" / "model" / "model.safetensors"
+    if weights.is_file():
+        assert fields["weightsPath"]["default"] == repr(weights)
+    output_root = eval(fields["outputRoot"]["default"], {"PosixPath": Path, "WindowsPath": Path})
+    assert output_root.is_absolute() and output_root.name == "DRoPE"
+    assert fields["probePath"]["default"] == "''" and fields["probePath"]["type"] == "str"
+
+
+def test_research_settings_are_in_a_collapsed_advanced_section():
+    widgets = ui_widgets()
+    advanced = widgets["advancedCollapsibleButton"]
+    assert any(p.get("name") == "collapsed" and p.findtext("bool") == "true" for p in advanced.findall("property"))
+    inside = {w.get("name") for w in advanced.iter("widget")}
+    assert {"maskRatioSliderWidget", "volumesSpinBox", "seedSpinBox", "drawsSpinBox", "probePathLineEdit"} <= inside
+    assert "inputSelector" not in inside and "applyButton" not in inside
+    research = widgets["researchLabel"].find("property/string").text
+    assert "not for clinical use" in research
 
 
 def test_apply_button_state_and_tooltip(module_probe):
-    nothing, ready, bad_probe, running = module_probe["states"]
+    nothing, ready, bad_probe, bad_draws, running = module_probe["states"]
     assert not nothing["apply"] and "Select an input DWI." in nothing["tip"] and "weights" in nothing["tip"]
-    assert nothing["weights_edit"] and not nothing["cancel"]
-    assert ready["apply"] and ready["tip"] == "Reconstruct the masked volumes and predict"
+    assert not nothing["cancel"]
+    assert ready["apply"] and ready["tip"] == "Reconstruct the hidden patches"
     assert not bad_probe["apply"] and "Probe file not found" in bad_probe["tip"]
+    assert not bad_draws["apply"] and "Uncertainty draws" in bad_draws["tip"]
     assert not running["apply"] and running["cancel"]
 
 
 def test_worker_errors_and_progress_shown_in_the_panel(module_probe):
     assert module_probe["progress"] == [43, "encoding"]
     text, style = module_probe["error"]
-    assert text == "Error: input has no b0 volume" and "color" in style
-
-
-LOGIC_PROBE = r'''
-import os, shutil, time
-import DRoPEModule as M
-import DRoPEModuleLib.process as P
-
-tmp, fake_engine, sample, mode = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-os.environ["FAKE_ENGINE_MODE"] = mode
-slicer.app = NS(temporaryPath=str(tmp))
-exported = []
-def export_dwi(node, directory):             # stands in for the MRML export (tested with slicer-core elsewhere)
-    exported.append(Path(directory))
-    return Path(shutil.copy(sample, Path(directory) / "input_dwi.nrrd"))
-module("DRoPEModuleLib.mrml_io", export_dwi=export_dwi)
-real_build = P.build_command
-P.build_command = lambda request, python=None: real_build(request, prefix=[sys.executable, fake_engine])
-
-events = []
-weights = tmp / "w.safetensors"
-weights.write_bytes(b"\0")
-run = M.DRoPEModuleLogic().startReconstruction(
-    object(), tmp / "out", weights, device="cpu", maskRatio=0.5, volumes=0, seed=4, probe=None,
-    onProgress=lambda f, m: events.append(["progress", f]), onDone=lambda out: events.append(["done", out]),
-    onError=lambda message: events.append(["error", message]), onCancel=lambda: events.append(["cancel"]))
-outcome = run.wait(timeout=120)
-print(json.dumps({"outcome": outcome, "events": events, "export_dir_left": exported[0].exists(),
-                  "export_dir_in_temp": exported[0].parent == tmp, "command": run.command}))
-'''
-
-
-@pytest.mark.parametrize("mode", ["ok", "error"])
-def test_logic_runs_the_engine_in_a_child_process(mode, tmp_path, sample_dir):
-    pytest.importorskip("DRoPE.io")
-    done = subprocess.run(
-        [sys.executable, "-c", STUBS + LOGIC_PROBE, str(tmp_path), str(REPO_ROOT / "Testing" / "fake_engine.py"),
-         str(sample_dir / "dwi.nrrd"), mode],
-        capture_output=True, text=True, timeout=300, cwd=str(MODULE_DIR),
-        env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["export_dir_in_temp"] and not report["export_dir_left"]  # the exported input is cleaned up
-    command = report["command"]
-    assert command[command.index("--seed") + 1] == "4" and command[command.index("--device") + 1] == "cpu"
-    assert "--volumes" not in command and command[-2:] == ["--progress", "json"]
-    if mode == "ok":
-        assert report["outcome"] == "done" and report["events"][-1] == ["done", str(tmp_path / "out")]
-        assert [e[1] for e in report["events"] if e[0] == "progress"] == [0.0, 0.5, 1.0]
-    else:
-        assert report["outcome"] == "error" and report["events"][-1][0] == "error"
-        assert "no b0 volume" in report["events"][-1][1]
+    assert text == "Error: ValueError: input has no b0 volume" and "color" in style  # no repeated last line
+    assert module_probe["error_with_log"] == (
+        "Error: the engine stopped\nstep 3\nTraceback (most recent call last):\nValueError: input has no b0 volume")
 
 
 def test_module_file_stays_thin():

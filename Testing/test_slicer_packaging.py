@@ -181,10 +181,14 @@ def test_top_level_cmake_metadata():
     assert variables["HOMEPAGE"] == HOMEPAGE
     assert variables["CATEGORY"] == "Diffusion"
     assert variables["CONTRIBUTORS"].strip() and len(variables["DESCRIPTION"]) > 40
+    description = variables["DESCRIPTION"]
+    assert "not for clinical use" in description and "https://github.com/gustavochau/D-RoPE" in description
+    assert "Slicer 5.10" in description  # Python >= 3.10: Slicer 5.8 has Python 3.9, 5.10 has 3.12
     assert variables["DEPENDS"] == "PyTorch"
     assert variables["ICONURL"] == RAW_PREFIX + "Resources/Icons/DRoPE.png"
     screenshots = variables["SCREENSHOTURLS"].split()
     assert screenshots and all(url.startswith(RAW_PREFIX) and url.endswith(".png") for url in screenshots)
+    assert all((REPO_ROOT / url.removeprefix(RAW_PREFIX)).is_file() for url in screenshots)
     assert re.search(r"^add_subdirectory\(DRoPEModule\)", cmake_text(), re.MULTILINE)
     assert "find_package(Slicer REQUIRED)" in cmake_text()
 

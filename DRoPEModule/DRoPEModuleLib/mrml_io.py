@@ -43,6 +43,7 @@ HEAT_COLOR_IDS = ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNod
 ATTENTION_COLOR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Rainbow2",
                        "vtkMRMLColorTableNodeRainbow")
 GREY_COLOR_ID = "vtkMRMLColorTableNodeGrey"
+ATTENTION_THRESHOLD = 0.1  # attention below this fraction of its window maximum is transparent in slice views
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,7 +425,7 @@ def load_scalar_volume(scene, path, name: str | None = None, reference=None):
 
 def style_map(scene, node, kind: str) -> None:
     """Display preset by map kind: 'fa' (grey 0..1), 'md' (grey 0..3e-3 mm^2/s), 'error' (heat, 99th percentile),
-    'attention' (colour, 99th percentile)."""
+    'attention' (colour, 99th percentile, values below ATTENTION_THRESHOLD of it transparent)."""
     values = slicer.util.arrayFromVolume(node)
     if kind == "fa":
         set_display(node, FA_RANGE, GREY_COLOR_ID if scene.GetNodeByID(GREY_COLOR_ID) else None)
@@ -433,7 +434,11 @@ def style_map(scene, node, kind: str) -> None:
     elif kind == "error":
         set_display(node, robust_range(values), heat_color_node_id(scene))
     elif kind == "attention":
-        set_display(node, robust_range(values), heat_color_node_id(scene, ATTENTION_COLOR_IDS + HEAT_COLOR_IDS))
+        window = robust_range(values)
+        set_display(node, window, heat_color_node_id(scene, ATTENTION_COLOR_IDS + HEAT_COLOR_IDS))
+        display = node.GetDisplayNode()
+        display.SetThreshold(ATTENTION_THRESHOLD * window[1], max(float(np.max(values)), window[1]))
+        display.ApplyThresholdOn()
     else:
         raise ValueError(f"unknown map kind {kind!r}; use fa, md, error or attention")
 

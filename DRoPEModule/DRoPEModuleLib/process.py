@@ -2,12 +2,15 @@
 
 The GUI never blocks: ``EngineProcess.start`` launches the process, reader threads queue its output lines, and
 ``poll`` (called by the widget's ``qt.QTimer``, or in a loop by ``wait``) hands them to plain callbacks in the
-caller's thread::
+caller's thread; it never waits for the child::
 
     request = ReconstructionRequest(Path("dwi.nrrd"), Path("out"), weights=Path("model.safetensors"))
-    run = EngineProcess(build_command(request, python), on_progress=bar, on_done=load, on_error=show)
+    run = EngineProcess(build_command(request, engine_python()), on_progress=bar, on_done=load, on_error=show)
     run.start()
-    timer.timeout.connect(run.poll)   # run.poll() returns False once finished; run.cancel() sends SIGTERM
+    timer.timeout.connect(run.poll)   # run.poll() returns False once finished; run.cancel() stops it
+
+``PythonSlicer`` is a launcher that runs ``python-real`` as its own child and forwards no signal, so the engine is
+started in a new process group (POSIX session; Windows process group) and ``cancel``/``kill`` stop the whole tree.
 
 Protocol (stdout, one JSON object per line): ``{"event": "progress", "fraction": 0.4, "message": "..."}``,
 ``{"event": "done", "out": DIR}``, ``{"event": "error", "message": "..."}``. Other lines are logged only.
@@ -19,6 +22,8 @@ import json
 import math
 import os
 import queue
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -29,11 +34,16 @@ from pathlib import Path
 from typing import Callable
 
 DEVICES = ("auto", "cpu", "cuda")
-KILL_AFTER_S = 10.0  # after cancel(), SIGKILL if the engine has not stopped within this time
+KILL_AFTER_S = 2.0  # after cancel(), the process tree is killed if it has not stopped within this time
+ENGINE_LAUNCHER = "PythonSlicer"
 
 
 class RequestError(ValueError):
     """Invalid reconstruction parameters; the message lists every problem."""
+
+
+class EngineNotFoundError(RuntimeError):
+    """Slicer's Python launcher (PythonSlicer), which runs the engine, was not found."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,7 +52,8 @@ class RequestError(ValueError):
 
 
 def check_inputs(*, has_input: bool, weights: Path | None, device: str = "auto", mask_ratio: float = 0.75,
-                 volumes: int = 0, probe: Path | None = None, out_dir: Path | None = None) -> list[str]:
+                 volumes: int = 0, probe: Path | None = None, out_dir: Path | None = None,
+                 draws: int = 1) -> list[str]:
     """Every reason the engine cannot run with these parameters, as short sentences ([] when all is fine).
 
     ``weights`` None means none is available (no bundled file and none chosen); ``probe`` None means no probe.
@@ -60,6 +71,8 @@ def check_inputs(*, has_input: bool, weights: Path | None, device: str = "auto",
         problems.append(f"Mask ratio must be in [0, 1), not {mask_ratio}.")
     if not isinstance(volumes, int) or volumes < 0:
         problems.append(f"Number of volumes must be 0 (all) or positive, not {volumes}.")
+    if not isinstance(draws, int) or draws < 1:
+        problems.append(f"Uncertainty draws must be 1 (none) or more, not {draws}.")
     if probe is not None and not Path(probe).is_file():
         problems.append(f"Probe file not found: {probe}")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -81,6 +94,7 @@ class ReconstructionRequest:
         volumes: number of diffusion volumes the engine uses; 0 = the engine's default (all that fit).
         seed: random seed of the masking; None = the engine's default.
         probe: optional probe file; the engine then writes prediction.json.
+        draws: number of masking draws; above 1 the engine also writes reconstruction_std and fa_std.
     """
 
     input_path: Path
@@ -91,11 +105,12 @@ class ReconstructionRequest:
     volumes: int = 0
     seed: int | None = None
     probe: Path | None = None
+    draws: int = 1
 
     def problems(self) -> list[str]:
         problems = check_inputs(has_input=True, weights=self.weights, device=self.device,
                                 mask_ratio=self.mask_ratio, volumes=self.volumes, probe=self.probe,
-                                out_dir=self.out_dir)
+                                out_dir=self.out_dir, draws=self.draws)
         if not Path(self.input_path).is_file():
             problems.insert(0, f"Input DWI file not found: {self.input_path}")
         return problems
@@ -107,16 +122,29 @@ class ReconstructionRequest:
             raise RequestError(" ".join(problems))
 
 
-def engine_prefix(python: str | None = None) -> list[str]:
+def engine_python(which=shutil.which) -> str:
+    """Path of Slicer's Python launcher, which runs the engine outside Slicer's process.
+
+    Never ``sys.executable``: inside Slicer that is the Slicer application itself. Raises EngineNotFoundError.
+    """
+    found = which(ENGINE_LAUNCHER)
+    if not found:
+        raise EngineNotFoundError(
+            f"{ENGINE_LAUNCHER} (Slicer's Python launcher) was not found on PATH; the DRoPE engine runs with it. "
+            "Start Slicer from its own launcher, or reinstall Slicer.")
+    return found
+
+
+def engine_prefix(python: str) -> list[str]:
     """The command that starts the engine CLI: ``<python> -m DRoPE``."""
-    return [python or sys.executable, "-m", "DRoPE"]
+    return [python, "-m", "DRoPE"]
 
 
 def build_command(request: ReconstructionRequest, python: str | None = None,
                   prefix: list[str] | None = None) -> list[str]:
     """Validate ``request`` and return the engine's argument list (``prefix`` replaces ``<python> -m DRoPE``)."""
     request.validate()
-    command = list(prefix or engine_prefix(python))
+    command = list(prefix or engine_prefix(python or engine_python()))
     command += ["reconstruct", str(request.input_path), "--out", str(request.out_dir),
                 "--weights", str(request.weights), "--device", request.device,
                 "--mask-ratio", repr(float(request.mask_ratio))]
@@ -126,15 +154,18 @@ def build_command(request: ReconstructionRequest, python: str | None = None,
         command += ["--seed", str(int(request.seed))]
     if request.probe is not None:
         command += ["--probe", str(request.probe)]
+    if request.draws > 1:
+        command += ["--draws", str(int(request.draws))]
     command += ["--progress", "json"]
     return command
 
 
 def engine_environment(library_root: Path | None, base: dict | None = None) -> dict:
-    """Environment for the child: unbuffered output and ``library_root`` (the folder holding ``DRoPE``) first on
-    PYTHONPATH, since Slicer's Python launcher does not see extension folders by itself."""
+    """Environment for the child: unbuffered UTF-8 output and ``library_root`` (the folder holding ``DRoPE``) first
+    on PYTHONPATH, since Slicer's Python launcher does not see extension folders by itself."""
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONUTF8"] = "1"
     if library_root is not None:
         parts = [str(library_root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
@@ -197,11 +228,11 @@ def _last_meaningful(lines) -> str:
 
 
 class EngineProcess:
-    """The engine running in a child process, reported through callbacks called from ``poll``.
+    """The engine running in a child process tree, reported through callbacks called from ``poll``.
 
     Exactly one of ``on_done(out_dir)``, ``on_error(message)`` or ``on_cancel()`` is called, once, when the run ends.
     ``on_progress(fraction, message)`` follows the progress lines; ``on_log(line)`` gets every other output line.
-    Without ``on_cancel``, a cancelled run reports ``on_error("Cancelled.")``.
+    Without ``on_cancel``, a cancelled run reports ``on_error("Cancelled.")``. ``log_tail`` keeps the last lines.
     """
 
     def __init__(self, command: list[str], *, on_progress: Callable[[float, str], None] | None = None,
@@ -216,9 +247,12 @@ class EngineProcess:
         self._lines: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stderr_tail: deque = deque(maxlen=50)
+        self.log_tail: deque = deque(maxlen=200)
         self._done_out: str | None = None
         self._error: str | None = None
         self._cancel_time: float | None = None
+        self._exit_time: float | None = None
+        self._killed = False
         self.fraction = 0.0
         self.finished = False
         self.outcome: str | None = None  # 'done', 'error' or 'cancelled' once finished
@@ -226,14 +260,16 @@ class EngineProcess:
     # -- control ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Launch the child process (raises OSError if the executable cannot be started)."""
+        """Launch the child in its own process group (raises OSError if the executable cannot be started)."""
         if self._process is not None:
             raise RuntimeError("the engine process was already started")
-        flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
+        if sys.platform == "win32":
+            group = {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
+        else:
+            group = {"start_new_session": True}
         self._process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self._env, cwd=self._cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
-            creationflags=flags)
+            env=self._env, cwd=self._cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group)
         for stream, name in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
             thread = threading.Thread(target=self._read, args=(stream, name), daemon=True)
             thread.start()
@@ -252,18 +288,41 @@ class EngineProcess:
     def returncode(self) -> int | None:
         return None if self._process is None else self._process.returncode
 
+    def _signal_tree(self, hard: bool) -> None:
+        """SIGTERM (``hard``: SIGKILL) to the engine's process group; on Windows the tree is always killed."""
+        pid = self._process.pid
+        if sys.platform == "win32":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL if hard else signal.SIGTERM)  # the group id is the leader's pid
+        except (ProcessLookupError, PermissionError):  # the whole group has already ended
+            pass
+
     def cancel(self) -> None:
-        """Ask the engine to stop (SIGTERM; TerminateProcess on Windows). ``poll`` reports the end."""
+        """Ask the engine tree to stop (SIGTERM to its process group); it is killed ``kill_after`` s later if still
+        there. Returns at once; ``poll`` reports the end."""
         if self._process is None or self.finished or self._cancel_time is not None:
             return
         if self._process.poll() is not None:  # already ended: poll() reports how
             return
         self._cancel_time = time.monotonic()
-        self._process.terminate()
+        self._signal_tree(hard=False)
+
+    def kill(self) -> None:
+        """Kill the engine tree now (scene close, module cleanup, quitting); the run then reports 'cancelled'."""
+        if self._process is None or self.finished:
+            return
+        if self._cancel_time is None:
+            self._cancel_time = time.monotonic()
+        self._killed = True
+        self._signal_tree(hard=True)
 
     # -- reporting -------------------------------------------------------------------------------------------
 
     def _handle(self, stream: str, line: str) -> None:
+        self.log_tail.append(line)
         if stream == "stderr":
             self._stderr_tail.append(line)
             if self._on_log:
@@ -291,16 +350,29 @@ class EngineProcess:
             self._handle(stream, line)
 
     def poll(self) -> bool:
-        """Process pending output and, once the child has exited, report the outcome. True while still running."""
+        """Process pending output and, once the child has exited and its output is read, report the outcome.
+
+        True while still running. Never waits: a tree still holding the output pipes after the child exited (or
+        after a cancel) is killed once ``kill_after`` has passed, and reported on a later call.
+        """
         if self._process is None or self.finished:
             return False
         self._drain()
+        now = time.monotonic()
         if self._process.poll() is None:
-            if self._cancel_time is not None and time.monotonic() - self._cancel_time > self._kill_after:
-                self._process.kill()
+            if self._cancel_time is not None and not self._killed and now - self._cancel_time > self._kill_after:
+                self.kill()
             return True
-        for thread in self._threads:
-            thread.join(timeout=5.0)
+        if self._exit_time is None:
+            self._exit_time = now
+        if any(thread.is_alive() for thread in self._threads):
+            if now - self._exit_time <= self._kill_after:
+                return True
+            if not self._killed:  # children of the engine outlived it and keep its output open
+                self.kill()
+                return True
+            if now - self._exit_time <= 2 * self._kill_after:
+                return True
         self._drain()
         self.finished = True
         self._report(self._process.returncode)

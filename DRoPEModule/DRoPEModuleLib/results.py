@@ -24,6 +24,9 @@ SCALAR_OUTPUTS = {
     "md_error.nii.gz": ("md_error", "MD error", "error"),
     "attention.nii.gz": ("attention", "attention", "attention"),
 }
+# written only with --draws K > 1 (never listed as missing)
+UNCERTAINTY_OUTPUTS = {"fa_std.nii.gz": ("fa_std", "FA std", "error")}
+RECONSTRUCTION_STD = "reconstruction_std.nii.gz"  # (I, J, K, N) on the input grid, kept as an array
 RECONSTRUCTION = "reconstruction.nii.gz"
 DIFFUSION_ATTENTION = "diffusion_attention.csv"
 LATENT = "latent.npy"
@@ -48,6 +51,8 @@ class ReconstructionResults:
     fa_error: object = None
     md_error: object = None
     attention: object = None
+    fa_std: object = None
+    reconstruction_std: np.ndarray | None = None  # (K, J, I, N), node array order
     diffusion_attention: object = None  # vtkMRMLTableNode: the CSV as written
     diffusion_attention_profile: object = None  # vtkMRMLTableNode: attention received per key volume
     diffusion_attention_chart: object = None  # vtkMRMLPlotChartNode
@@ -56,11 +61,27 @@ class ReconstructionResults:
     summary: dict = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     off_grid: list[str] = field(default_factory=list)  # outputs whose grid differs from the input's
+    # set by DRoPELogic: the run's subject-hierarchy folder, the input DWI node and the per-volume maps shown
+    folder_item: int = 0
+    input_node: object = None
+    volume_index: int | None = None
+    volume_error: object = None
+    volume_std: object = None
 
     def volume_nodes(self) -> list:
         """The volume nodes loaded (reconstruction first), skipping missing ones."""
-        names = ["reconstruction"] + [attr for attr, _, _ in SCALAR_OUTPUTS.values()]
+        outputs = {**SCALAR_OUTPUTS, **UNCERTAINTY_OUTPUTS}
+        names = ["reconstruction"] + [attr for attr, _, _ in outputs.values()]
         return [getattr(self, name) for name in names if getattr(self, name) is not None]
+
+    def nodes(self) -> list:
+        """Every data node of the run (volumes, tables, chart and its series)."""
+        nodes = self.volume_nodes() + [self.diffusion_attention, self.diffusion_attention_profile,
+                                       self.diffusion_attention_chart]
+        if self.diffusion_attention_chart is not None:
+            chart = self.diffusion_attention_chart
+            nodes += [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+        return [node for node in nodes if node is not None]
 
 
 def _read_json(path: Path) -> dict:
@@ -115,16 +136,24 @@ def load_results(scene, out_dir, reference, name_prefix: str | None = None) -> R
     if not mrml_io.match_geometry(results.reconstruction, reference):
         results.off_grid.append(RECONSTRUCTION)
 
-    for filename, (attribute, suffix, kind) in SCALAR_OUTPUTS.items():
+    for filename, (attribute, suffix, kind) in {**SCALAR_OUTPUTS, **UNCERTAINTY_OUTPUTS}.items():
         path = out_dir / filename
         if not path.is_file():
-            results.missing.append(filename)
+            if filename in SCALAR_OUTPUTS:
+                results.missing.append(filename)
             continue
         node = mrml_io.load_scalar_volume(scene, path, f"{prefix} {suffix}")
         if not mrml_io.match_geometry(node, reference):
             results.off_grid.append(filename)
-        mrml_io.style_map(scene, node, kind)
         setattr(results, attribute, node)
+    if results.attention is not None and results.md is not None and not (
+            {"attention.nii.gz", "md.nii.gz"} & set(results.off_grid)):
+        mask_outside_brain(results.attention, results.md)
+    for filename, (attribute, _, kind) in {**SCALAR_OUTPUTS, **UNCERTAINTY_OUTPUTS}.items():
+        if getattr(results, attribute) is not None:
+            mrml_io.style_map(scene, getattr(results, attribute), kind)
+    if (out_dir / RECONSTRUCTION_STD).is_file():
+        results.reconstruction_std = read_volume_series(out_dir / RECONSTRUCTION_STD, reference)
 
     table_path = out_dir / DIFFUSION_ATTENTION
     if table_path.is_file():
@@ -155,6 +184,48 @@ def load_results(scene, out_dir, reference, name_prefix: str | None = None) -> R
     if results.off_grid:
         logger.warning("%s: outputs not on the input's grid: %s", out_dir, ", ".join(results.off_grid))
     return results
+
+
+def mask_outside_brain(node, brain_map) -> None:
+    """Zero ``node`` where ``brain_map`` (MD, which the engine computes inside the brain mask only) is 0."""
+    import slicer
+
+    values = slicer.util.arrayFromVolume(node)
+    values[slicer.util.arrayFromVolume(brain_map) <= 0] = 0
+    slicer.util.arrayFromVolumeModified(node)
+
+
+def read_volume_series(path: Path, reference) -> np.ndarray:
+    """A 4-D NIfTI written on the grid of ``reference`` as a (K, J, I, N) array; ResultsError if it is not on it."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    dims = mrml_io.dimensions(reference)
+    if image.ndim != 4 or tuple(image.shape[:3]) != dims or not np.allclose(
+            image.affine, mrml_io.ijk_to_ras(reference), atol=mrml_io.GEOMETRY_ATOL_MM):
+        raise ResultsError(f"{path}: not a 4-D map on the input's grid {dims}")
+    return np.ascontiguousarray(np.transpose(np.asarray(image.dataobj, dtype=np.float32), (2, 1, 0, 3)))
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The run's key numbers for the panel: masked MSE, FA/MD error, time and device (those present)."""
+    metrics = summary.get("metrics", {}) if isinstance(summary.get("metrics"), dict) else {}
+    lines = []
+    if metrics.get("mse_normalised_masked") is not None:
+        lines.append(f"Masked MSE (normalised signal): {metrics['mse_normalised_masked']:.4g}")
+    if metrics.get("fa_mae") is not None:
+        lines.append(f"FA error (mean absolute, brain): {metrics['fa_mae']:.4g}")
+    if metrics.get("md_mae_mm2_per_s") is not None:
+        lines.append(f"MD error (mean absolute, brain): {metrics['md_mae_mm2_per_s']:.3g} mm²/s")
+    if summary.get("seconds") is not None:
+        lines.append(f"Time: {float(summary['seconds']):.1f} s on {summary.get('device', '?')}")
+    return lines
+
+
+def summary_warnings(summary: dict) -> list[str]:
+    """The engine's warnings about the input (``summary.json`` "warnings"), as strings."""
+    warnings = summary.get("warnings", [])
+    return [str(w) for w in warnings] if isinstance(warnings, list) else [str(warnings)]
 
 
 def latent_summary(latent: np.ndarray | None, count: int = 6) -> str:
