@@ -1,7 +1,7 @@
 """Benchmark of D-RoPE attention (and, with --model, of the whole model). ``python -m DRoPE.bench [--quick] [--model]``
 
 Attention part: forward (inference, no autograd) and forward+backward time and peak memory of
-    drope      ``drope_attention`` (exact, chunked, custom backward),
+    drope      ``drope_attention`` (exact; on CPU the fused compiled kernels, else the chunked path),
     sdpa_rope  F.scaled_dot_product_attention after standard 1-D RoPE on q and k (the floor: same shapes),
     naive      ``drope_attention_naive`` (materialises rotated keys; skipped where it cannot fit: its analytic
                size is printed instead),
@@ -26,7 +26,9 @@ each multi-threaded (OpenMP) op can stall for milliseconds at its closing barrie
 the chunked D-RoPE runs thousands of ops where SDPA runs tens, so multi-thread timings on a busy machine measure
 the stalls rather than the methods. On a quiet machine pass --threads N.
 
-The last line printed is ``drope/sdpa_rope time_ratio=X mem_ratio=Y max_rel_err=Z`` for case (a) T = 15,
+After the table, one line per case gives the drope / sdpa_rope ratios (time forward and forward+backward, memory
+forward+backward) and max_rel_err of drope against naive, measured on 2 of the case's sequences where naive
+cannot run on all of them. The last line printed is ``drope/sdpa_rope time_ratio=X mem_ratio=Y max_rel_err=Z`` for case (a) T = 15,
 forward+backward, on CPU (max_rel_err: largest max|a - b| / max|b| over the output and the q, k, v gradients of
 drope against naive).
 """
@@ -34,6 +36,7 @@ drope against naive).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -374,6 +377,19 @@ def main(argv: list[str] | None = None) -> int:
                     gib = r["peak_bytes"] / 2**30
                     line = f"{r['time_s']:.2f} s, peak extra {gib:.2f} GiB, {r['tokens']} tokens"
                     print(f"{device:6s} model {label}: {line}")
+
+    for (device, name, method), row in table.items():
+        base = table.get((device, name, "sdpa_rope"))
+        if method != "drope" or not base or any("error" in r for r in (*row.values(), *base.values())):
+            continue
+        fwd, fb = (row[m]["time_s"] / base[m]["time_s"] for m in MODES)
+        mem = row["fwdbwd"]["peak_bytes"] / max(base["fwdbwd"]["peak_bytes"], 1)
+        case = next(c for c in cases if c.name == name)
+        err = max_relative_error(case if case.naive else dataclasses.replace(case, sequences=2), device)
+        print(
+            f"{device:6s} {name:8s} drope/sdpa_rope: time fwd x{fwd:.2f}, f+b x{fb:.2f}; memory f+b x{mem:.2f}; "
+            f"max_rel_err {err:.1e}"
+        )
 
     if not cases:
         return 0

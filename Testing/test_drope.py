@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import DRoPE.model.drope as drope_mod
+import DRoPE.model.drope_kernel as kernel_mod
 from DRoPE import bench
 from DRoPE.model.drope import (
     DRoPEShapeError,
@@ -153,7 +155,8 @@ def test_distance_batched_matches_single_and_dtype():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_matches_loops(dtype, tol, masked):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_attention_matches_loops(dtype, tol, masked, kernel):
     gen = np.random.default_rng(2)
     S, H, T, E = 2, 2, 5, 6
     q, k, v = (gen.standard_normal((S, H, T, E)) for _ in range(3))
@@ -165,7 +168,7 @@ def test_attention_matches_loops(dtype, tol, masked):
     ref_out, ref_w = loop_attention(q, k, v, d, base=0.3, mask=mask)
     t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
     mask_t = None if mask is None else torch.tensor(mask)
-    out, w = drope_attention(t(q), t(k), t(v), t(d), mask=mask_t, need_weights=True)
+    out, w = drope_attention(t(q), t(k), t(v), t(d), mask=mask_t, need_weights=True, kernel=kernel)
     assert out.dtype == dtype and out.shape == (S, H, T, E) and w.shape == (S, H, T, T)
     assert rel_err(out, ref_out) < tol
     assert rel_err(w, ref_w) < tol
@@ -188,7 +191,8 @@ def test_attention_base_and_rotation_direction():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_gradients_and_chunking_match_naive(monkeypatch, dtype, tol):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gradients_and_chunking_match_naive(monkeypatch, dtype, tol, kernel):
     """Several chunks with a remainder, several protocol groups (distance (B, 1, T, T)), a mask: outputs, weights
     and q/k/v gradients equal the autograd gradients of the materialising twin."""
     monkeypatch.setitem(drope_mod.CHUNK_BYTES, "cpu", 3 * 7 * 7 * 8 * 8)  # 3 sequences per chunk (fp64 size)
@@ -201,7 +205,7 @@ def test_gradients_and_chunking_match_naive(monkeypatch, dtype, tol):
     d = d.to(dtype)[:, None]  # (B, 1, T, T): one protocol per batch element, shared by its P positions
     mask = torch.rand(B, P, 1, T, T, generator=gen) > 0.3
     mask |= torch.eye(T, dtype=torch.bool)
-    out, w = drope_attention(q, k, v, d, mask=mask, need_weights=True)
+    out, w = drope_attention(q, k, v, d, mask=mask, need_weights=True, kernel=kernel)
     ref, w_ref = drope_attention_naive(q, k, v, d, mask=mask, need_weights=True)
     assert rel_err(out, ref) < tol and rel_err(w, w_ref) < tol
     grad_out = torch.randn(out.shape, generator=gen, dtype=dtype)
@@ -260,7 +264,8 @@ def test_autocast_context_keeps_float32_core():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_saved_memory_does_not_grow_with_t2_e():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_saved_memory_does_not_grow_with_t2_e(kernel):
     """What autograd keeps for backward is O(q + k + v + scores), not the (.., T, T, E) rotated keys."""
     S, H, T, E = 6, 2, 12, 32
 
@@ -280,7 +285,7 @@ def test_saved_memory_does_not_grow_with_t2_e():
     scores = S * H * T * T * 4
     rotated = S * H * T * T * E * 4
     bound = 2 * qkv + 4 * scores + T * T * E * 8
-    assert saved_bytes(drope_attention) < bound < rotated
+    assert saved_bytes(lambda *a: drope_attention(*a, kernel=kernel)) < bound < rotated
     assert saved_bytes(drope_attention_naive) > rotated  # the check can fail: the naive twin keeps rotated keys
 
 
@@ -298,14 +303,14 @@ def test_chunk_buffer_is_bounded(monkeypatch):
     T, E = 10, 16
     for S in (4, 400):
         q = torch.randn(S, 2, T, E, requires_grad=True)
-        drope_attention(q, q, q, torch.rand(T, T)).sum().backward()
+        drope_attention(q, q, q, torch.rand(T, T), kernel=False).sum().backward()
     assert max(sizes) <= drope_mod.CHUNK_BYTES["cpu"]
     sizes.clear()
     monkeypatch.setitem(drope_mod.CHUNK_BYTES, "cpu", 3 * T * E * 8)  # less than one sequence: 3 rows per block
     q = torch.randn(2, 2, T, E, dtype=torch.float64, requires_grad=True)
     k, v = torch.randn_like(q, requires_grad=True), torch.randn_like(q)
     d = torch.rand(T, T, dtype=torch.float64)
-    out = drope_attention(q, k, v, d)
+    out = drope_attention(q, k, v, d, kernel=False)
     ref = drope_attention_naive(q, k, v, d)
     assert rel_err(out, ref) < 1e-12
     grads = torch.autograd.grad(out.square().sum(), (q, k))
@@ -326,6 +331,76 @@ def test_shape_errors():
         drope_attention(q, q, q, torch.zeros(5, 5), mask=torch.ones(5, 5))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# fused CPU kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_lib():
+    lib = kernel_mod.load()
+    if lib is None:
+        pytest.skip("no C compiler: the fused kernels cannot be built here")
+    return lib
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_edges_match_naive(kernel_lib, threads):
+    """Partial lane blocks (M = 3 x 7 = 21 rows), T past a register block and a cache tile (T = 67, not a multiple
+    of 4 or 64), E = 2, a non-symmetric distance, and work split over threads: outputs and gradients exact."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(11)
+    for T, E in ((67, 2), (5, 10)):
+        q, k, v = (torch.randn(7, 3, T, E, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        d = 3 * torch.rand(T, T, generator=gen, dtype=torch.float64)
+        out = drope_attention(q, k, v, d)
+        ref = drope_attention_naive(q, k, v, d)
+        assert rel_err(out, ref) < 1e-12
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for g, g_ref in zip(grads, torch.autograd.grad(ref, (q, k, v), grad_out)):
+            assert rel_err(g, g_ref) < 1e-12
+
+
+def test_cpu_uses_the_kernel_unless_told_not_to(kernel_lib, monkeypatch):
+    calls = []
+    real = kernel_mod.scores
+    monkeypatch.setattr(kernel_mod, "scores", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(2, 2, 5, 4)
+    drope_attention(q, q, q, torch.rand(5, 5))
+    assert calls
+    calls.clear()
+    drope_attention(q, q, q, torch.rand(5, 5), kernel=False)
+    assert not calls
+
+
+def test_no_compiler_falls_back_once(monkeypatch, tmp_path, caplog):
+    """Without a working C compiler the chunked path runs (same results) and the log says so once."""
+    monkeypatch.setattr(kernel_mod, "_state", {})
+    monkeypatch.setenv("DROPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    d = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="DRoPE.model.drope_kernel"):
+        for _ in range(3):
+            assert rel_err(drope_attention(q, k, v, d), drope_attention_naive(q, k, v, d)) < 1e-12
+    assert kernel_mod.load() is None
+    assert sum("chunked path" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_kernel_builds_into_the_cache(monkeypatch, tmp_path):
+    """A fresh cache folder gets the compiled library, and a second process-level load reuses it."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(kernel_mod, "_state", {})
+    monkeypatch.setenv("DROPE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert kernel_mod.load() is not None
+    built = list(tmp_path.glob("drope_kernel_*.so"))
+    assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no staging folder left
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(8)
@@ -339,6 +414,9 @@ def test_bench_quick_smoke(capsys):
     assert bench.main(["--quick", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert any("sdpa_rope" in line for line in lines) and any("skipped" in line for line in lines)
+    ratios = [line for line in lines if "drope/sdpa_rope: time" in line]
+    assert len(ratios) == len(bench.QUICK_CASES)
+    assert all(float(line.split("max_rel_err ")[1]) < 1e-5 for line in ratios)
     last = lines[-1]
     assert last.startswith("drope/sdpa_rope time_ratio=") and "mem_ratio=" in last
     assert float(last.split("max_rel_err=")[1]) < 1e-5

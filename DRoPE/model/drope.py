@@ -21,14 +21,20 @@ rotation plane, turned by the angle a_ijn = d_ij * theta_n with theta_n = base^(
 with q~_n = q_2n + i q_2n+1 (the pairs read as complex numbers). The same rotation is used in every head; values
 are not rotated.
 
-Memory. Materialising rotated keys for every query (..., H, T, T, E) is what the public code does; it needs
-gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly but in chunks of
-sequences (or of query rows, for long sequences): the rotated keys R(a_ij) k_j of one block, about CHUNK_BYTES,
-are formed in one reused buffer (the (T, T, N) angle table is shared by all sequences and heads that share a
-protocol), contracted with the queries by batched (1 x E) @ (E x T) products and overwritten by the next block.
-A custom autograd function recomputes them block by block in the backward pass (dq = dS . R k,
-dk = dS^T . R^T q), so neither pass keeps anything of size T^2 E per sequence: what is kept is q, k and the
-(..., H, T, T) scores / probabilities, as in plain attention.
+Speed and memory. Materialising rotated keys for every query (..., H, T, T, E) is what the public code does; it
+needs gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly, keeping only q, k and
+the (..., H, T, T) scores / probabilities for the backward pass, as plain attention does. The (T, T, N) cos / sin
+tables depend only on the protocol and are shared by all its sequences and heads (building them costs O(T^2 N),
+against O(sequences T^2 E) for the attention). Two paths, same results:
+
+- CPU with a C compiler (``drope_kernel``): fused loops that never form a rotated key,
+  s_ij = sum_n C_ijn (q_i,2n k_j,2n + q_i,2n+1 k_j,2n+1) + S_ijn (q_i,2n+1 k_j,2n - q_i,2n k_j,2n+1), with the
+  sequences as the vectorised axis so each table entry serves a vector of sequences; the backward pass
+  (dq = dS . R k, dk = dS^T . R^T q) is fused the same way. Compiled once per machine and cached.
+- otherwise (CUDA, no compiler, ``kernel=False``): the rotated keys R(a_ij) k_j of one block of sequences or
+  query rows, about CHUNK_BYTES, are formed in one reused buffer, contracted with the queries by batched
+  (1 x E) @ (E x T) products and overwritten by the next block; the backward recomputes them block by block.
+  Without a compiler this is said once in the log.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import math
 import torch
 
 from ..gradients import B0_THRESHOLD
+from . import drope_kernel
 
 DEFAULT_BASE = 0.3
 B_SCALE = 1000.0  # s/mm^2: rho = b / B_SCALE
@@ -143,7 +150,9 @@ def _softmax_values(scores, v, mask, need_weights):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def drope_attention(q, k, v, distance, base: float = DEFAULT_BASE, mask=None, need_weights: bool = False):
+def drope_attention(
+    q, k, v, distance, base: float = DEFAULT_BASE, mask=None, need_weights: bool = False, *, kernel: bool = True
+):
     """Exact D-RoPE attention without materialising rotated keys per sequence.
 
     q, k, v: (..., H, T, E) with E even.
@@ -158,6 +167,7 @@ def drope_attention(q, k, v, distance, base: float = DEFAULT_BASE, mask=None, ne
     score_ij = q_i . R(d_ij theta) k_j / sqrt(E) (adjacent-pair layout, module docstring); the result agrees
     with ``drope_attention_naive`` to rounding. fp16/bf16 inputs are computed in float32 and cast back.
     With distance == 0 everywhere it equals plain scaled-dot-product attention.
+    kernel: on CPU, use the fused compiled kernels when they can be built (False: the chunked path; module docstring).
     """
     lead = _check(q, k, v, distance, mask)
     H, T, E = q.shape[-3:]
@@ -165,20 +175,56 @@ def drope_attention(q, k, v, distance, base: float = DEFAULT_BASE, mask=None, ne
     order, G, M, dist = _protocol_groups(lead, distance, H)
     n = len(lead)
 
+    lib = drope_kernel.load() if kernel and q.device.type == "cpu" else None
+
     def to_core(x):  # (..., H, T, E) -> (G, M, T, E): protocols outside, then sequences x heads
         return x.permute(*order, n, n + 1, n + 2).reshape(G, M, T, E).to(work).contiguous()
 
     with torch.autocast(q.device.type, enabled=False):  # the core runs in float32/float64 whatever the context
         angle = drope_angles(dist.to(device=q.device, dtype=work), E, base)  # (G, Ti, Tj, N)
-        table = torch.polar(torch.ones_like(angle), angle)
-        scores = _DRoPEScores.apply(to_core(q), to_core(k), table, 1.0 / math.sqrt(E))  # (G, M, Ti, Tj)
+        if lib is not None:
+            scores = _KernelScores.apply(to_core(q), to_core(k), angle.cos(), angle.sin(), 1.0 / math.sqrt(E), lib)
+        else:
+            table = torch.polar(torch.ones_like(angle), angle)
+            scores = _DRoPEScores.apply(to_core(q), to_core(k), table, 1.0 / math.sqrt(E))  # (G, M, Ti, Tj)
         scores = scores.reshape(*[lead[i] for i in order], H, T, T)
         inverse = [order.index(i) for i in range(n)]
         scores = scores.permute(*inverse, n, n + 1, n + 2)  # (..., H, Ti, Tj)
-        result = _softmax_values(scores, v.to(work), mask, need_weights)
-    if need_weights:
-        return result[0].to(q.dtype), result[1].to(q.dtype)
-    return result.to(q.dtype)
+        out, weights = _SoftmaxValues.apply(scores, v.to(work), mask)
+    return (out.to(q.dtype), weights.to(q.dtype)) if need_weights else out.to(q.dtype)
+
+
+class _SoftmaxValues(torch.autograd.Function):
+    """The twin of ``_softmax_values`` with a leaner backward: out = P v, P = softmax(scores masked).
+
+    scores (..., Ti, Tj); v (..., Tj, Ev); mask bool broadcastable to scores or None (True = attend).
+    Returns out (..., Ti, Ev) and P (..., Ti, Tj) (differentiable). Backward forms dS = P (dP - rowsum(P dP)) in
+    the buffer of dP = dO v^T, with rowsum(P dP) = rowsum(dO out) (+ rowsum(P dP_weights) when P's own gradient
+    is used), so it holds two (Ti, Tj) arrays per sequence where autograd would hold three.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, v, mask):
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        out = weights @ v
+        ctx.save_for_backward(weights, v, out)
+        return out, weights
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights):
+        weights, v, out = ctx.saved_tensors
+        dv = weights.transpose(-1, -2) @ grad_out if ctx.needs_input_grad[1] else None
+        ds = None
+        if ctx.needs_input_grad[0]:
+            ds = grad_out @ v.transpose(-1, -2)  # dP
+            row = (grad_out * out).sum(-1, keepdim=True)
+            if grad_weights is not None:
+                ds += grad_weights
+                row += (grad_weights * weights).sum(-1, keepdim=True)
+            ds.sub_(row).mul_(weights)
+        return ds, dv, None
 
 
 def _protocol_groups(lead: tuple[int, ...], distance: torch.Tensor, H: int):
@@ -197,6 +243,38 @@ def _protocol_groups(lead: tuple[int, ...], distance: torch.Tensor, H: int):
     G = math.prod(lead[i] for i in own)
     M = math.prod(lead[i] for i in shared) * H
     return order, G, M, dist.reshape(G, T, T)
+
+
+class _KernelScores(torch.autograd.Function):
+    """Scaled D-RoPE scores by the fused CPU kernels (``drope_kernel``): the contract of ``_DRoPEScores`` with
+    cos, sin: (G, Ti, Tj, N) real tables in place of the complex one, and the loaded kernel library ``lib``.
+    q, k: (G, M, T, E) contiguous (saved as they are: no copies)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, scale, lib):
+        G, M, T, E = q.shape
+        out = q.new_empty(G, M, T, T)
+        for g in range(G):
+            drope_kernel.scores(lib, q[g], k[g], cos[g], sin[g], out[g], scale)
+        ctx.save_for_backward(q, k, cos, sin)
+        ctx.scale, ctx.lib = scale, lib
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, cos, sin = ctx.saved_tensors
+        grad = grad.contiguous()
+        result = []
+        for index, other in ((0, k), (1, q)):  # dq = dS . R k, then dk = dS^T . R^T q
+            if not ctx.needs_input_grad[index]:
+                result.append(None)
+                continue
+            d = torch.empty_like(q)
+            for g in range(q.shape[0]):
+                pair = (None, d[g]) if index else (d[g], None)
+                drope_kernel.grads(ctx.lib, other[g], cos[g], sin[g], grad[g], ctx.scale, *pair)
+            result.append(d)
+        return *result, None, None, None, None
 
 
 class _DRoPEScores(torch.autograd.Function):
