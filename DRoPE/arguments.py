@@ -41,6 +41,17 @@ def input_file(path, flag: str) -> None:
         raise ArgumentError(f"{flag} {path}: {problem}")
 
 
+def model_checkpoint(path, flag: str) -> None:
+    """Raise unless ``path`` is a model checkpoint (folder, .safetensors or .json) whose model.json reads; the weights
+    themselves are read when the model is built."""
+    from .model.checkpoint import CheckpointError, read_metadata
+
+    try:
+        read_metadata(path)
+    except CheckpointError as error:
+        raise ArgumentError(f"{flag} {error}") from None
+
+
 def output_folder(path, flag: str) -> None:
     """Raise unless ``path`` is a folder, or can be made one, that this process may write into."""
     path = Path(path)

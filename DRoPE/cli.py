@@ -19,12 +19,13 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from .arguments import in_range, input_file, output_folder, scan_flags
-from .atomic import full_suffix
+from .arguments import in_range, input_file, model_checkpoint, output_folder, scan_flags
+from .atomic import atomic_folder, full_suffix
 from .dti import DTIModel, mean_b0
 from .dwi import DWI
+from .gradcheck import GradientCheck, check_gradients, check_summary
 from .gradients import DWIError, DWIWarning
-from .io import describe, input_files, load_dwi, save_scalar_nifti
+from .io import describe, input_files, load_dwi, refuse_inputs, save_scalar_nifti
 from .overview import save_overview
 from .preprocess import brain_mask
 from .resources import DEFAULT_WEIGHTS
@@ -70,20 +71,16 @@ def read_mask(path: Path, dwi: DWI) -> np.ndarray:
     return np.asarray(dwi.grid.to_canonical(values != 0), dtype=bool)
 
 
-def _check_outputs(targets: list[Path], protected: list[Path]) -> None:
-    """Raise DWIError if any output path is one of the input files."""
-    kept = {p.resolve() for p in protected}
-    for target in targets:
-        if target.resolve() in kept:
-            raise DWIError(f"{target}: refusing to overwrite an input file; choose another --out folder")
-
-
 # --- info ---------------------------------------------------------------------------------------------------------
 
 
 def run_info(path: Path, bval: Path | None = None, bvec: Path | None = None) -> str:
-    """Summary text of a DWI: shape, voxel size, orientation, shells with counts, b0 count, warnings."""
-    return describe(_read_dwi(path, bval, bvec))
+    """Summary text of a DWI: shape, voxel size, orientation, shells with counts, b0 count, warnings, and the
+    gradient-table check (a warning line when the data favour another table; nothing is changed)."""
+    dwi = _read_dwi(path, bval, bvec)
+    record, warning = check_summary(dwi)
+    check = f"warning: {warning}" if warning else f"gradient check: {record.get('message') or record['skipped']}"
+    return describe(dwi) + "\n" + check
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -92,9 +89,50 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_info(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="describe a DWI (geometry, protocol, warnings)")
+    parser = subparsers.add_parser(
+        "info", help="describe a DWI (geometry, protocol, warnings, gradient-table check from the data)"
+    )
     _add_input(parser)
     parser.set_defaults(handler=_cmd_info)
+
+
+# --- check-gradients ----------------------------------------------------------------------------------------------
+
+
+def run_check_gradients(path: Path, bval: Path | None = None, bvec: Path | None = None,
+                        mask_path: Path | None = None) -> GradientCheck:
+    """Score the 24 distinct sign flips / axis orders of the b-vectors by the fibre coherence of V1 (see gradcheck)."""
+    dwi = _read_dwi(path, bval, bvec)
+    return check_gradients(dwi, read_mask(Path(mask_path), dwi) if mask_path else None)
+
+
+def _cmd_check_gradients(args: argparse.Namespace) -> int:
+    input_file(args.mask, "--mask")
+    result = run_check_gradients(args.dwi, args.bval, args.bvec, args.mask)
+    if args.json:
+        print(json.dumps({"file": str(args.dwi)} | result.to_json()))
+        return 0
+    print(result.message())
+    for candidate, score in list(zip(result.candidates, result.scores))[:5]:
+        print(f"  {score:.4f}  {candidate.describe()}  permutation={list(candidate.permutation)} "
+              f"flip={list(candidate.flip)}")
+    return 0
+
+
+def _add_check_gradients(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check-gradients",
+        help="check the b-vector signs and axis order against the data (fibre coherence of the tensor directions)",
+        description="Fit DTI once and score every sign flip / axis order of the b-vectors (in the image frame: the "
+        "FSL .bvec axes) by how coherent the principal directions are with their neighbours. --json prints "
+        '{"given_is_best", "best": {"permutation", "flip", ...}, "margin", ...} where the best table is '
+        "bvecs_fixed[a] = (-1 if flip[a] else 1) * bvecs_given[permutation[a]]. Exit code 0 whatever the verdict.",
+    )
+    _add_input(parser)
+    parser.add_argument("--mask", type=Path, help="brain mask (.nii/.nii.gz) on the DWI's grid; default: a quick "
+                        "median_otsu mask")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(handler=_cmd_check_gradients)
 
 
 # --- dti ----------------------------------------------------------------------------------------------------------
@@ -120,7 +158,7 @@ def run_dti(
         steps.set_postfix_str("reading", refresh=False)
         dwi = _read_dwi(path, bval, bvec)
         protected = [Path(p) for p in input_files(dwi)] + ([Path(mask_path)] if mask_path else [])
-        _check_outputs(targets, protected)
+        refuse_inputs(targets, protected, dwi.source)
         for message in dwi.warnings:
             tqdm.write(f"warning: {message}", file=sys.stderr)
         steps.update()
@@ -133,15 +171,15 @@ def run_dti(
         steps.set_postfix_str("writing", refresh=False)
         v1_world = (fit.v1 @ dwi.rotation.T) * fit.mask[..., None]
         maps = {"fa": fit.fa, "md": fit.md, "mask": fit.mask, "v1": v1_world}
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DWIError(f"{out_dir}: cannot create the output folder: {exc}") from exc
-        for (name, array), target in zip(maps.items(), targets):
-            save_scalar_nifti(dwi.to_input_grid(array), dwi.grid.affine, target, protect=protected)
         title = f"{Path(dwi.source).name}: {dwi.gtab.describe()}"
-        save_overview(targets[-1], mean_b0(dwi.data, dwi.gtab), fit.fa, fit.md, v1_world, dwi.voxel_size,
-                      mask=fit.mask, title=title)
+        try:
+            with atomic_folder(out_dir, last=DTI_OUTPUTS[-1]) as stage:  # all files appear together
+                for name, array in maps.items():
+                    save_scalar_nifti(dwi.to_input_grid(array), dwi.grid.affine, stage / f"{name}.nii.gz")
+                save_overview(stage / targets[-1].name, mean_b0(dwi.data, dwi.gtab), fit.fa, fit.md, v1_world,
+                              dwi.voxel_size, mask=fit.mask, title=title)
+        except OSError as exc:
+            raise DWIError(f"{out_dir}: cannot write the outputs ({exc.strerror or exc})") from None
         steps.update()
     return targets
 
@@ -195,14 +233,16 @@ def _progress_reporter(mode: str):
 def run_reconstruct(args: argparse.Namespace) -> list[Path]:
     """Load, reconstruct and write every output of ``python -m DRoPE reconstruct`` (see its --help)."""
     from .device import select_device
-    from .reconstruct import ReconstructSettings, run_reconstruction, write_outputs
+    from .reconstruct import ReconstructSettings, output_paths, run_reconstruction, write_outputs
 
     _check_reconstruct_args(args)
     report, bar = _progress_reporter(args.progress)
     try:
         report(0.0, "reading the DWI")
         dwi = _read_dwi(args.dwi, args.bval, args.bvec)
-        settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab)
+        refuse_inputs(output_paths(args.out), input_files(dwi), dwi.source)
+        settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab,
+                                       draws=args.draws)
         result = run_reconstruction(dwi, args.weights, settings, select_device(args.device), report)
         report(0.97, "writing outputs")
         written = write_outputs(result, args.out, probe_path=args.probe)
@@ -214,14 +254,17 @@ def run_reconstruct(args: argparse.Namespace) -> list[Path]:
 
 
 def _check_reconstruct_args(args: argparse.Namespace) -> None:
-    """The ``reconstruct`` flags that can be checked before the DWI is read (the probe is small: read it now)."""
+    """The ``reconstruct`` flags that can be checked before the DWI is read (the probe and model.json are small:
+    read them now)."""
     from .probes import load_probe
 
     output_folder(args.out, "--out")
     in_range(args.mask_ratio, "--mask-ratio", 0, 1)
+    in_range(args.draws, "--draws", 1)
     scan_flags(args)
     if args.probe is not None:
         load_probe(args.probe)
+    model_checkpoint(args.weights, "--weights")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -271,15 +314,76 @@ def _add_reconstruct(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the volume subset and the patch mask")
     parser.add_argument("--slab", type=int, default=None,
                         help="slices per inference slab (default: the checkpoint's training slab)")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="independent patch-mask draws (default 1); K > 1 also writes reconstruction_mean/_std and "
+                        "fa_mean/_std: the spread of the prediction over the draws that hid each voxel, and of FA")
     parser.add_argument("--probe", type=Path, default=None, help="fitted linear probe (JSON) to apply to the latent")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="progress as a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
     parser.set_defaults(handler=_cmd_reconstruct)
 
 
+# --- synthesize ---------------------------------------------------------------------------------------------------
+
+
+def run_synthesize(args: argparse.Namespace) -> list[Path]:
+    """Read the DWI and the request, synthesise and write ``python -m DRoPE synthesize`` (see its --help)."""
+    from .device import select_device
+    from .synthesis import check_outputs, read_request, run_synthesis, write_synthesis
+
+    output_folder(args.out, "--out")
+    input_file(args.bvals, "--bvals")
+    input_file(args.bvecs, "--bvecs")
+    in_range(args.slab, "--slab", 1)
+    in_range(args.chunk, "--chunk", 1)
+    model_checkpoint(args.weights, "--weights")
+    dwi = _read_dwi(args.dwi, args.bval, args.bvec)
+    request = read_request(args.bvals, args.bvecs, dwi)
+    check_outputs(args.out, dwi, protect=(args.bvals, args.bvecs))
+    result = run_synthesis(dwi, request, args.weights, select_device(args.device), slab=args.slab, chunk=args.chunk)
+    for note in result.summary["warnings"]:
+        print(f"warning: {note}", file=sys.stderr)
+    return write_synthesis(result, args.out, protect=(args.bvals, args.bvecs))
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from .model.checkpoint import CheckpointError
+
+    try:
+        written = run_synthesize(args)
+    except (DWIError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    for path in written:
+        print(path)
+    return 0
+
+
+def _add_synthesize(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "synthesize",
+        help="predict DWI volumes at b-values / directions that were not acquired, from all acquired volumes",
+    )
+    _add_input(parser)
+    parser.add_argument("--bvals", type=Path, required=True,
+                        help="FSL .bval of the volumes to synthesise (s/mm^2; b0 rows get the mean acquired b0)")
+    parser.add_argument("--bvecs", type=Path, required=True,
+                        help="FSL .bvec of the volumes to synthesise (3 x K, in the input image's frame, like its own)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder: synthesized.nii.gz + .bval/.bvec on the input grid, summary.json")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint folder or .safetensors "
+                        "(default: the bundled model in Resources/model)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu or cuda")
+    parser.add_argument("--slab", type=int, default=None,
+                        help="slices per inference slab (default: the checkpoint's training slab)")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="requested volumes decoded together (default 1: each independent of the others)")
+    parser.set_defaults(handler=_cmd_synthesize)
+
+
 # --- entry point --------------------------------------------------------------------------------------------------
 
-COMMANDS = (_add_info, _add_dti, _add_reconstruct)
+COMMANDS = (_add_info, _add_check_gradients, _add_dti, _add_reconstruct, _add_synthesize)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,6 +156,12 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (*_READ_ERRORS, nib.filebasedimages.ImageFileError) as exc:
         raise DWIError(f"{path}: cannot read the NIfTI image (truncated or corrupt file?): {exc}") from exc
     _check_4d(path, data.shape)
+    if img.header["sform_code"] == 0 and img.header["qform_code"] == 0:
+        warnings.warn(
+            f"{path}: sform_code and qform_code are both 0, so the header holds no orientation; the voxel sizes "
+            "alone give the voxel-to-world matrix (no rotation, x flipped): check left and right",
+            DWIWarning,
+        )
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
@@ -238,6 +244,12 @@ def _nrrd_gradients(path: Path, header: dict, n_volumes: int, to_ras: np.ndarray
         raise GradientTableError(
             f"{path}: {len(gradients)} DWMRI gradients (with DWMRI_NEX repeats) but {n_volumes} volumes"
         )
+    if "measurement frame" not in header:
+        warnings.warn(
+            f"{path}: no 'measurement frame' in the DWMRI header; the gradients are taken as given in the NRRD space "
+            f"({header.get('space')}), with an identity frame",
+            DWIWarning,
+        )
     frame = np.asarray(header.get("measurement frame", np.eye(3)), dtype=np.float64)
     if frame.shape != (3, 3):
         raise DWIError(f"{path}: 'measurement frame' must be 3 vectors of 3, got shape {frame.shape}")
@@ -259,6 +271,8 @@ def _nrrd_gradient_list(path: Path, header: dict) -> list[np.ndarray]:
             raise GradientTableError(f"{path}: {key} / DWMRI_NEX_{index:04d} is not numeric") from exc
         if g.shape != (3,):
             raise GradientTableError(f"{path}: {key} must have 3 numbers, got '{header[key]}'")
+        if not np.all(np.isfinite(g)):
+            raise GradientTableError(f"{path}: {key} has a NaN/inf component: '{header[key]}'")
         gradients.extend([g] * repeats)
         index += 1
     return gradients
@@ -421,7 +435,8 @@ def input_files(dwi: DWI) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def _refuse_inputs(targets: Iterable[Path], protected: Iterable[Path], owner: str) -> None:
+def refuse_inputs(targets: Iterable[Path], protected: Iterable[Path], owner: str) -> None:
+    """Raise DWIError if one of ``targets`` is (or links to) one of ``protected``, the input files of ``owner``."""
     protected = [Path(p) for p in protected]
     for target in targets:
         for keep in protected:
@@ -483,7 +498,7 @@ def save_nifti(dwi: DWI, path) -> tuple[Path, Path, Path]:
     path = Path(path)
     _check_suffix(path, NIFTI_SUFFIXES)
     bval_path, bvec_path = sidecar_paths(path)
-    _refuse_inputs((path, bval_path, bvec_path), input_files(dwi), dwi.source)
+    refuse_inputs((path, bval_path, bvec_path), input_files(dwi), dwi.source)
     bvecs = _disk_bvecs(dwi)
     if np.linalg.det(dwi.grid.affine[:3, :3]) > 0:
         bvecs = bvecs * np.array([-1.0, 1.0, 1.0])
@@ -505,7 +520,7 @@ def save_nrrd(dwi: DWI, path) -> Path:
     """
     path = Path(path)
     _check_suffix(path, (".nrrd",))
-    _refuse_inputs((path,), input_files(dwi), dwi.source)
+    refuse_inputs((path,), input_files(dwi), dwi.source)
     affine = dwi.grid.affine
     rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     b_ref = float(dwi.gtab.bvals.max())
@@ -541,7 +556,7 @@ def save_scalar_nifti(array, affine, path, *, protect: Iterable = ()) -> Path:
     """
     path = Path(path)
     _check_suffix(path, NIFTI_SUFFIXES)
-    _refuse_inputs((path,), protect, "the input data")
+    refuse_inputs((path,), protect, "the input data")
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8)

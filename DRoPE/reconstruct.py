@@ -23,9 +23,7 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,9 @@ import torch
 from . import __version__
 from .dti import DTIModel, mean_b0
 from .dwi import DWI
-from .io import input_files, save_nifti, save_scalar_nifti
+from .gradcheck import check_summary
+from .atomic import atomic_folder
+from .io import input_files, refuse_inputs, save_nifti, save_scalar_nifti
 from .model import fixed_ratio_spatial_mask, load_model, patch_map_to_voxels
 from .model.checkpoint import read_metadata
 from .overview import MD_DISPLAY_MAX, grey_style, panel_figure, save_figure
@@ -65,12 +65,15 @@ class ReconstructSettings:
         seed: seeds the volume subset and the patch mask.
         slab: slices per inference slab (a multiple of the patch depth); None = the training slab of the
             checkpoint (``extra.slab`` in model.json), else one patch depth.
+        draws: independent patch-mask draws (draw 0 uses ``seed``, the others ``draw_seed(seed, k)``); above 1 the
+            spread of the reconstruction and of its FA over the draws is added (see ``draw_maps``).
     """
 
     mask_ratio: float = 0.75
     volumes: int | None = None
     seed: int = 0
     slab: int | None = None
+    draws: int = 1
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Reconstruction:
             patches, heads and slabs.
         latent: (D,) CLS latent of the scan.
         maps: DTI maps {"fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "v1"}, empty when DTI is
-            impossible (fewer than 6 directions); MD in mm^2/s.
+            impossible (fewer than 6 directions); MD in mm^2/s. With ``settings.draws`` > 1 also the spread over the
+            draws (``draw_maps``): "reconstruction_mean", "reconstruction_std" (X, Y, Z, V), "fa_mean", "fa_std".
         summary: JSON-safe description of the run and its metrics.
     """
 
@@ -144,6 +148,8 @@ def run_reconstruction(
     report = progress or (lambda fraction, message: None)
     if not 0.0 <= settings.mask_ratio < 1.0:
         raise ReconstructError(f"mask ratio must be in [0, 1), got {settings.mask_ratio}")
+    if settings.draws < 1:
+        raise ReconstructError(f"draws must be >= 1, got {settings.draws}")
     started = time.perf_counter()
     report(0.02, "loading model")
     meta = read_metadata(weights)
@@ -153,21 +159,27 @@ def run_reconstruction(
     subset, index = select_volumes(dwi, settings.volumes, settings.seed)
     report(0.08, "preprocessing")
     mask = brain_mask(subset)
+    if not mask.any():
+        raise ReconstructError(f"{dwi.source}: the brain mask is empty (no voxel stands out from the background)")
     prep = preprocess(subset, mask=mask, patch=model.config.patch_size)
+
+    def run(device):
+        first = _run_slabs(model.to(device), prep, slab, settings, device, _draw_progress(report, 0, settings.draws))
+        spread = draw_maps(model, prep, subset, mask, slab, settings, device, report, first[:2])
+        return first, spread
+
     try:
-        outputs = _run_slabs(model, prep, slab, settings, device, report)
+        outputs, spread = run(device)
     except torch.OutOfMemoryError:
         if device.type != "cuda":
             raise
         log.warning("CUDA out of memory; running on the CPU instead")
         torch.cuda.empty_cache()
         device = torch.device("cpu")
-        outputs = _run_slabs(model.to(device), prep, slab, settings, device, report)
+        outputs, spread = run(device)
     pred, visible, attention, diffusion, latent = outputs
     report(0.8, "back on the input grid")
-    b0 = mean_b0(subset.data, subset.gtab)
-    shown = prep.to_input(visible.astype(np.uint8)).astype(bool)
-    recon = np.where(shown, subset.data, prep.to_input(pred) * b0[..., None]) * mask[..., None]
+    recon, shown = completed_dwi(prep, subset, mask, pred, visible)
     result = Reconstruction(
         dwi=subset,
         volume_index=index,
@@ -179,8 +191,14 @@ def run_reconstruction(
         latent=latent,
     )
     report(0.85, "DTI of original and reconstruction")
-    result.maps = dti_maps(subset, recon, mask)
+    result.maps = dti_maps(subset, recon, mask) | spread
+    report(0.9, "gradient-table check")
+    check, warning = check_summary(dwi, mask)
     result.summary = _summary(result, prep, weights, meta, settings, slab, device, time.perf_counter() - started)
+    result.summary["gradient_check"] = check
+    if warning:
+        log.warning("%s", warning)
+        result.summary["warnings"].append(warning)
     report(0.95, "done")
     return result
 
@@ -230,11 +248,12 @@ def scan_latent(model, prep: Preprocessed, slab: int, device="cpu", *, grad: boo
 
 
 @torch.no_grad()
-def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, report: Progress):
-    """Run the model slab by slab on the model grid.
+def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, report: Progress, *, extras=True):
+    """Run the model slab by slab on the model grid, with the patch mask seeded by ``settings.seed``.
 
     Returns pred (V, X, Y, Z) normalised signal (b0 volumes: the input), visible (V, X, Y, Z) bool (b0: True),
-    attention (X, Y, Z), diffusion (W, W) between the weighted volumes, latent (D,).
+    attention (X, Y, Z), diffusion (W, W) between the weighted volumes, latent (D,); the last three are None
+    with ``extras=False`` (the extra mask draws need only the prediction).
     """
     _, X, Y, Z = prep.signal.shape
     weighted = weighted_volumes(prep)
@@ -259,15 +278,107 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
             visible[weighted, :, :, z0:z1] = patch_map_to_voxels(keep, grid, patch)[0].cpu().numpy()
         if brain:
             pred[weighted, :, :, z0:z1] = model.reconstruct(x, bvals, bvecs, keep)[0].float().cpu().numpy()
+            weight_total += brain
+        if brain and extras:
             maps = model.attention_maps(x, bvals, bvecs)
             attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
             diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
-            weight_total += brain
         report(0.1 + 0.6 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
     if weight_total == 0:
         raise ReconstructError("the brain mask is empty: nothing to reconstruct")
+    if not extras:
+        return pred, visible, None, None, None
     latent = scan_latent(model, prep, slab, device).float().cpu().numpy()
     return pred, visible, attention, diffusion / weight_total, latent
+
+
+def completed_dwi(prep: Preprocessed, dwi: DWI, mask: np.ndarray, pred: np.ndarray, visible: np.ndarray):
+    """The completed DWI of one mask draw on the input grid: the prediction (times the mean b0) where hidden, the
+    acquired signal where shown, 0 outside the brain ``mask`` (X, Y, Z) bool. pred, visible: (V, X, Y, Z) on the model
+    grid (from ``_run_slabs``). Returns recon (X, Y, Z, V) float32 and shown (X, Y, Z, V) bool."""
+    shown = prep.to_input(visible.astype(np.uint8)).astype(bool)
+    b0 = mean_b0(dwi.data, dwi.gtab)
+    recon = np.where(shown, dwi.data, prep.to_input(pred) * b0[..., None]) * mask[..., None]
+    return recon.astype(np.float32), shown
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Seed of mask draw ``draw``: ``seed`` itself for draw 0 (so one draw is the plain run), else an independent
+    stream of numpy's SeedSequence([seed, draw])."""
+    return seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+
+
+def _draw_progress(report: Progress, draw: int, draws: int) -> Progress:
+    """Map the 0.1..0.7 progress of one draw's slab loop onto its share of that range."""
+    if draws == 1:
+        return report
+    return lambda fraction, message: report(0.1 + (fraction - 0.1 + 0.6 * draw) / draws,
+                                            f"draw {draw + 1}/{draws}: {message}")
+
+
+class DrawSpread:
+    """Running mean and (population) standard deviation over draws, per element, counting only where selected.
+
+    shape: the arrays' shape. ``add(values, where)``: values of that shape; where: bool of that shape, True = this
+    draw counts there. ``std`` is 0 where fewer than 2 draws counted; ``mean`` is ``fill`` where none did.
+    """
+
+    def __init__(self, shape):
+        self.count = np.zeros(shape, dtype=np.int32)
+        self._mean = np.zeros(shape, dtype=np.float64)
+        self._m2 = np.zeros(shape, dtype=np.float64)
+
+    def add(self, values: np.ndarray, where: np.ndarray) -> None:
+        where = np.asarray(where, dtype=bool)
+        self.count += where
+        delta = np.where(where, values - self._mean, 0.0)
+        self._mean += delta / np.maximum(self.count, 1)
+        self._m2 += delta * np.where(where, values - self._mean, 0.0)
+
+    def mean(self, fill) -> np.ndarray:
+        return np.where(self.count > 0, self._mean, fill).astype(np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.where(self.count > 1, self._m2 / np.maximum(self.count, 1), 0.0)).astype(np.float32)
+
+
+def draw_maps(model, prep, dwi: DWI, mask: np.ndarray, slab: int, settings: ReconstructSettings, device,
+              report: Progress, first) -> dict:
+    """Spread of the reconstruction over ``settings.draws`` independent mask draws; {} for one draw.
+
+    mask: (X, Y, Z) bool brain mask on the input grid; first: (pred, visible) of draw 0 from ``_run_slabs``. Returns, on the canonical input grid:
+    "reconstruction_mean" / "reconstruction_std" (X, Y, Z, V), input units: mean and standard deviation of the model's
+    prediction of each voxel over the draws in which it was hidden (the acquired signal and 0 where it was hidden in
+    no draw; std 0 where in fewer than 2, and always for b0 volumes and outside the brain), so no acquired value
+    enters the spread; "fa_mean" / "fa_std" (X, Y, Z): mean and standard deviation over all draws of FA of each
+    draw's completed DWI (the ``fa_recon`` map of that draw), left out when DTI is impossible.
+    """
+    if settings.draws == 1:
+        return {}
+    hidden = DrawSpread(first[0].shape)
+    fa = DrawSpread(mask.shape)
+    dti = dwi.gtab.n_directions >= MIN_DTI_DIRECTIONS and dwi.gtab.b0s_mask.any()
+    for draw in range(settings.draws):
+        if draw == 0:
+            pred, visible = first
+        else:
+            drawn = dataclasses.replace(settings, seed=draw_seed(settings.seed, draw))
+            pred, visible = _run_slabs(model, prep, slab, drawn, device, _draw_progress(report, draw, settings.draws),
+                                       extras=False)[:2]
+        hidden.add(pred, ~visible)
+        if dti:
+            recon, _ = completed_dwi(prep, dwi, mask, pred, visible)
+            fa.add(DTIModel(dwi.gtab).fit(recon, mask, progress=False).fa, True)
+    b0 = mean_b0(dwi.data, dwi.gtab)[..., None] * mask[..., None]
+    maps = {
+        "reconstruction_mean": np.where(prep.to_input(hidden.count) > 0, prep.to_input(hidden.mean(0)) * b0,
+                                        dwi.data * mask[..., None]).astype(np.float32),
+        "reconstruction_std": (prep.to_input(hidden.std) * b0).astype(np.float32),
+    }
+    if dti:
+        maps |= {"fa_mean": fa.mean(0), "fa_std": fa.std}
+    return maps
 
 
 def dti_maps(dwi: DWI, recon: np.ndarray, mask: np.ndarray) -> dict:
@@ -304,8 +415,10 @@ def normalised_pair(dwi: DWI, recon: np.ndarray, mask: np.ndarray) -> tuple[np.n
 
 
 def _summary(result: Reconstruction, prep, weights, meta, settings, slab, device, seconds) -> dict:
-    """JSON-safe record of the run: inputs, settings, model, timing and error metrics."""
+    """JSON-safe record of the run: inputs, the settings used (and those requested where they differ), model,
+    timing and error metrics."""
     dwi = result.dwi
+    used = dataclasses.asdict(settings) | {"slab": slab, "volumes": len(result.volume_index)}
     prediction, target = normalised_pair(dwi, result.recon, result.mask)
     err = prediction - target
     inside = np.broadcast_to(result.mask[..., None], result.visible.shape)
@@ -321,17 +434,36 @@ def _summary(result: Reconstruction, prep, weights, meta, settings, slab, device
         "input": dwi.source,
         "protocol": describe_protocol(dwi.gtab),
         "volume_index": result.volume_index.tolist(),
-        "settings": dataclasses.asdict(settings) | {"slab": slab},
+        "settings": used,
+        "requested": {k: v for k, v in dataclasses.asdict(settings).items() if v is not None and v != used[k]},
         "weights": str(weights),
         "model": meta.get("config", {}),
         "device": str(device),
         "seconds": round(seconds, 2),
+        "peak_memory_gib": _peak_memory_gib(device),
         "latent_dim": int(result.latent.size),
         "latent_norm": float(np.linalg.norm(result.latent)),
         "metrics": metrics,
         "warnings": list(dwi.warnings),
         "model_grid": list(prep.signal.shape[1:]),
     }
+
+
+def _peak_memory_gib(device) -> dict:
+    """Peak memory of this process so far, GiB: resident set ("cpu", where the OS reports it) and, on CUDA,
+    the most the caching allocator handed out ("cuda")."""
+    peak = {}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        peak["cpu"] = round(rss * (1 if sys.platform == "darwin" else 1024) / 2**30, 3)
+    except ImportError:  # Windows
+        pass
+    if torch.device(device).type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return peak
 
 
 def _mean(values: np.ndarray, where: np.ndarray) -> float | None:
@@ -352,33 +484,34 @@ OUTPUT_FILES = (
     "summary.json",
     "overview.png",
 )
-MAP_FILES = ("fa", "md", "fa_recon", "md_recon", "fa_error", "md_error")
+MAP_FILES = ("fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "reconstruction_mean", "reconstruction_std",
+             "fa_mean", "fa_std")
+
+
+def output_paths(out_dir) -> list[Path]:
+    """Every file ``write_outputs`` may write into ``out_dir`` (which of them depends on the run)."""
+    names = [*OUTPUT_FILES, *(f"{name}.nii.gz" for name in MAP_FILES), "reconstruction.bval", "reconstruction.bvec",
+             "prediction.json"]
+    return [Path(out_dir) / name for name in names]
 
 
 def write_outputs(result: Reconstruction, out_dir, probe_path=None) -> list[Path]:
     """Write every output into ``out_dir`` on the input's own grid; returns the written paths.
 
-    Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
-    them exist, so an interrupted run (error, SIGTERM) leaves no half-written output.
+    The files are written into a staging folder beside ``out_dir`` and appear together (``atomic_folder``): all at
+    once when ``out_dir`` is new or empty; when it already holds files they are moved in one by one, summary.json
+    last, replacing files of the same name and keeping the others. An error or a signal (SIGKILL included) leaves
+    no half-written output, and the next run removes what a killed one left. Raises DWIError if an output would
+    overwrite an input file, ReconstructError if the outputs cannot be written (full or read-only disk).
     """
     out_dir = Path(out_dir)
-    protected = [Path(p).resolve() for p in input_files(result.dwi)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = out_dir / f".drope-partial-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    refuse_inputs(output_paths(out_dir), input_files(result.dwi), result.dwi.source)
     try:
-        written = _write_staged(result, stage, probe_path)
-        final = []
-        for path in written:
-            target = out_dir / path.name
-            if target.resolve() in protected:
-                raise ReconstructError(f"{target}: refusing to overwrite an input file; choose another --out")
-            final.append(target)
-        for path, target in zip(written, final):
-            path.replace(target)
-        return final
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with atomic_folder(out_dir, last="summary.json") as stage:
+            names = [path.name for path in _write_staged(result, stage, probe_path)]
+    except OSError as error:
+        raise ReconstructError(f"{out_dir}: cannot write the outputs ({error.strerror or error})") from None
+    return [out_dir / name for name in names]
 
 
 def _write_staged(result: Reconstruction, stage: Path, probe_path) -> list[Path]:

@@ -5,6 +5,7 @@
                  [--splits S.json] --out RESULT.json [--class-weight balanced] [--seed N] [--save-probe P.json]
     probe.py finetune --checkpoint C --data D --labels L.csv --target COLUMN --task ... --out DIR [--splits S.json] [--lora]
     probe.py invariance --train-features P1.npz --test-features P2.npz --labels L.csv --target COLUMN --task ... --out R.json
+    probe.py drift --checkpoint C --data D --draws K --out drift.csv [--min-volumes 6] [--sessions S.csv] [--no-untrained]
 
 extract: CLS latents of whole scans (slab-wise, brain-weighted mean of slab CLS vectors, as ``DRoPE.reconstruct``),
 K random protocol draws per subject (``--volumes`` random diffusion-weighted volumes + one b0, seeded by seed,
@@ -35,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import numpy as np
 
 from DRoPE import __version__
-from DRoPE.arguments import in_range, output_file, output_folder, scan_flags
+from DRoPE.arguments import in_range, model_checkpoint, output_file, output_folder, scan_flags
 from DRoPE.atomic import atomic_path
 from DRoPE.device import select_device
 from DRoPE.evaluation.report import write_csv, write_json
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-alpha", type=int, default=12)
     ft.add_argument("--slab", type=int, default=None, help="slices per slab (default: the checkpoint's)")
     ft.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_drift(sub)
     return parser
 
 
@@ -132,7 +134,8 @@ def _label_args(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    commands = {"extract": cmd_extract, "fit": cmd_fit, "invariance": cmd_invariance, "finetune": cmd_finetune}
+    commands = {"extract": cmd_extract, "fit": cmd_fit, "invariance": cmd_invariance, "finetune": cmd_finetune,
+                "drift": cmd_drift}
     try:
         return commands[args.command](args)
     except ValueError as error:  # DRoPE input errors are ValueError subclasses naming the file and the problem
@@ -153,6 +156,7 @@ def cmd_extract(args) -> int:
     in_range(args.draws, "--draws", 1)
     scan_flags(args)
     paths = find_dwis(args.data)
+    model_checkpoint(args.checkpoint, "--checkpoint")
     volumes = None if args.all_volumes else args.volumes
     latents, info = extract_latents(paths, args.checkpoint, draws=args.draws, volumes=volumes, seed=args.seed,
                                     device=select_device(args.device), slab=args.slab, progress=print)
@@ -179,14 +183,19 @@ def _folds(splits_path, features: dict, labels: dict, out: Path, *, task: str, s
     data = crossval.build_data(features, labels, ids, task, features_path=features_path, labels_path=labels_path)
     values = [data.classes[i] for i in data.y] if data.classes else data.y
     splits = make_splits(data.ids, values, task, ratios=PAPER_RATIOS[split_ratio], n_folds=N_FOLDS, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
     path = save_splits(splits, out.parent / "splits.json")
     print(f"wrote {path}")
     return splits["folds"], str(path)
 
 
 def _labelled_ids(features: dict, labels: dict, features_path, labels_path) -> list[str]:
-    """Ids with features and a label; when fewer than MIN_SUBJECTS, raise naming the ids each file lacks."""
+    """Ids with features and a label (those with a missing/NaN label are left out with a warning naming them); when
+    fewer than MIN_SUBJECTS, raise naming the ids each file lacks."""
     ids = [s for s in features if s in labels and not crossval.is_missing(labels[s])]
+    missing = [s for s in features if s in labels and crossval.is_missing(labels[s])]
+    if missing:
+        log.warning("%s: subjects with features but a missing/NaN label are left out: %s", labels_path, _some(missing))
     if len(ids) < MIN_SUBJECTS:
         unlabelled = [s for s in features if s not in ids]
         featureless = [s for s in labels if s not in features]
@@ -235,8 +244,8 @@ def cmd_fit(args) -> int:
     if args.save_probe and args.probe != "linear":
         raise ProbeCLIError("--save-probe writes the linear probe format; use it with --probe linear")
     alpha = _alpha(args.alpha)
-    out.parent.mkdir(parents=True, exist_ok=True)
     folds, splits_source, data = _prepare(args, args.features, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = crossval.cross_validate(data, folds, args.task, args.probe, class_weight=args.class_weight, seed=args.seed,
                                      alpha=alpha, standardize_target=args.standardize_target)
     payload = {
@@ -293,8 +302,8 @@ def cmd_invariance(args) -> int:
     out = Path(args.out)
     output_file(out, "--out")
     in_range(args.seed, "--seed", 0)
-    out.parent.mkdir(parents=True, exist_ok=True)
     folds, splits_source, data = _prepare(args, args.train_features, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     labels = crossval.load_labels(args.labels, args.target)
     other = crossval.load_features(args.test_features)
     dim_train, dim_test = data.X.shape[1], next(iter(other.values())).shape[1]
@@ -337,10 +346,11 @@ def _check_finetune_args(args) -> None:
 def cmd_finetune(args) -> int:
     _check_finetune_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = find_dwis(args.data)
     ids = subject_ids(paths)
     labels = crossval.load_labels(args.labels, args.target)
+    model_checkpoint(args.checkpoint, "--checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
     placeholder = {sid: np.zeros((1, 1)) for sid in ids}  # folds and labels are checked like the probe's
     folds, splits_source = _folds(args.splits, placeholder, labels, out / "result.json", task=args.task,
                                   split_ratio=args.split_ratio, seed=args.seed, features_path=args.data,
@@ -376,6 +386,83 @@ def cmd_finetune(args) -> int:
     write_csv(out / "log.csv", log_rows)
     write_csv(out / "predictions.csv", predictions)
     _print_summary(payload)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# drift
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _add_drift(sub) -> None:
+    dr = sub.add_parser("drift", help="protocol drift of latents: within-scan spread under random protocol draws "
+                        "against between-brain distances (CSV + PNG)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dr.add_argument("--checkpoint", required=True, help="checkpoint folder or file")
+    dr.add_argument("--data", required=True, help="a folder of DWIs (recursive) or a text list; two sessions at least")
+    dr.add_argument("--draws", type=int, default=5, help="random protocol draws per scan (K, >= 2)")
+    dr.add_argument("--out", required=True, help="drift .csv (the figure .png and a .json record are written beside it)")
+    dr.add_argument("--min-volumes", type=int, default=6, help="fewest diffusion-weighted volumes of a draw (every b0 "
+                    "is kept; the size is uniform in [this, all - 1])")
+    dr.add_argument("--sessions", default=None, help="CSV with subject_id and session columns (default: the dcm_qa_* "
+                    "folder of a corpus scan, else each scan is its own session)")
+    dr.add_argument("--no-untrained", action="store_true", help="skip the untrained-encoder baseline (halves the time)")
+    dr.add_argument("--seed", type=int, default=0, help="seeds the draws and the untrained encoder")
+    dr.add_argument("--slab", type=int, default=None, help="slices per slab (default: the checkpoint's)")
+    dr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def cmd_drift(args) -> int:
+    from DRoPE.io import load_dwi
+    from DRoPE.model import load_model, read_metadata
+    from DRoPE.probing import drift
+    from DRoPE.reconstruct import ReconstructSettings, resolve_slab
+
+    out = Path(args.out)
+    if out.suffix != ".csv":
+        raise ProbeCLIError(f"{out}: --out must end with .csv")
+    output_file(out, "--out")
+    in_range(args.draws, "--draws", 2)
+    in_range(args.min_volumes, "--min-volumes", 1)
+    in_range(args.seed, "--seed", 0)
+    in_range(args.slab, "--slab", 1)
+    model_checkpoint(args.checkpoint, "--checkpoint")
+    paths = find_dwis(args.data)
+    ids = subject_ids(paths)
+    given = crossval.load_labels(args.sessions, "session") if args.sessions else {}
+    sessions = {sid: drift.session_of(path, sid, given) for sid, path in zip(ids, paths)}
+    if len(set(sessions.values())) < 2:
+        raise ProbeCLIError(f"{args.data}: every scan is in session {next(iter(sessions.values()))!r}; between-brain "
+                            "distances need two sessions at least")
+    device = select_device(args.device)
+    model = load_model(args.checkpoint, device=device).eval()
+    slab = resolve_slab(ReconstructSettings(slab=args.slab), read_metadata(args.checkpoint), model.config.patch_size[2])
+    scans = []
+    for sid, path in zip(ids, paths):
+        scans.append(drift.make_draws(sid, load_dwi(path), args.draws, args.min_volumes, args.seed))
+        print(f"{sid}: session {sessions[sid]}, draws of {[len(d) for d in scans[-1].draws]} volumes", flush=True)
+    representations = {"DRoPE": drift.encoder_latents(model, slab, device)}
+    if not args.no_untrained:
+        representations["untrained encoder"] = drift.encoder_latents(drift.untrained_like(model, args.seed), slab, device)
+    representations["signal histogram"] = drift.signal_histogram
+    latents, results, rows = {}, {}, []
+    for name, represent in representations.items():
+        latents[name] = drift.represent_all(scans, represent)
+        results[name] = drift.drift_rows(latents[name], sessions)
+        rows += [{"representation": name, **row} for row in results[name]]
+        overall = results[name][-1]
+        print(f"{name}: within / between {overall['ratio_within']:.3f}, same session other scans / between "
+              f"{overall['ratio_session']:.3f}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, rows)
+    figure = drift.drift_figure({k: v[:-1] for k, v in results.items()}, latents["DRoPE"], sessions,
+                                f"Protocol drift, {len(scans)} scans, {args.draws} draws each ({args.checkpoint})")
+    save_figure(figure, out.with_suffix(".png"))
+    record = {"drope_version": __version__, "checkpoint": str(args.checkpoint), "draws": args.draws,
+              "min_volumes": args.min_volumes, "seed": args.seed, "slab": slab,
+              "scans": {s.subject: {"path": str(p), "session": sessions[s.subject],
+                                    "draws": [d.tolist() for d in s.draws]} for s, p in zip(scans, paths)}}
+    write_json(out.with_suffix(".json"), record)
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
     return 0
 
 

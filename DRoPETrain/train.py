@@ -9,7 +9,8 @@ exactly), ``log.csv``, ``data.json`` (subjects used and held out), the preproces
 ``--cache``), and at the end ``model.safetensors`` + ``model.json`` (inference weights) and ``loss_curve.png``.
 The learning rate (linear warm-up from 0, then cosine), weight decay (cosine) and the masked-loss weight lambda
 (linear ramp) are set at every optimizer step from fractional epochs (``DRoPE/training/schedules.py``).
-Errors print one line on stderr and exit with code 2.
+Errors print one line on stderr and exit with code 2 (a full or read-only disk too). Temporary files that a run
+killed while writing left in RUN_DIR are removed at the next start.
 
 Test hooks, hidden from --help: ``--stop-after-epoch K`` ends the run cleanly after epoch K as if it had been killed
 there (checkpoint written, no final model); ``--weights-hash FILE`` writes each process's weight sha256 to
@@ -19,6 +20,7 @@ there (checkpoint written, no final model); ``--weights-hash FILE`` writes each 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -33,8 +35,8 @@ if __package__ in (None, ""):  # run as a file: make `import DRoPE` work from th
 import torch
 
 import DRoPE
-from DRoPE.arguments import in_range, output_folder
-from DRoPE.atomic import atomic_path
+from DRoPE.arguments import in_range, input_file, output_folder
+from DRoPE.atomic import atomic_path, remove_temporaries
 from DRoPE.gradients import DWIError
 from DRoPE.training import data as tdata
 from DRoPE.training import report
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
         if is_out_of_memory(error):
             return _fail(f"out of memory: {OOM_ADVICE}")
         raise
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return _fail(f"{error.filename}: cannot write ({error.strerror}); free disk space and continue with --resume")
     except KeyboardInterrupt:
         print("error: interrupted; resume with --resume", file=sys.stderr)
         return 130
@@ -158,15 +164,19 @@ def _resolve_config(args, run_dir: Path):
     return config, meta
 
 
-def _prepare_data(args, config, patch, dist, run_dir: Path):
+def _select_dwis(args) -> tuple[list[Path], list[str]]:
+    """The DWIs of --data less those of --holdout, and the held-out names."""
     paths = tdata.find_dwis(args.data)
-    root = Path(args.data).resolve()
     held: list[str] = []
     if args.holdout:
-        paths, held = tdata.read_holdout(args.holdout, paths, root)
+        paths, held = tdata.read_holdout(args.holdout, paths, Path(args.data).resolve())
         if not paths:
             raise tdata.DataError(f"{args.holdout}: every DWI in {args.data} is held out; nothing left to train on")
-    names = tdata.subject_names(paths, root)
+    return paths, held
+
+
+def _prepare_data(args, paths, held, config, patch, dist, run_dir: Path):
+    names = tdata.subject_names(paths, Path(args.data).resolve())
     cache_dir = Path(args.cache) if args.cache else run_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     mine = list(range(dist.rank, len(paths), dist.world_size))
@@ -210,6 +220,7 @@ def _check_args(args) -> None:
     output_folder(args.out, "--out")
     if args.cache:
         output_folder(args.cache, "--cache")
+    input_file(args.holdout, "--holdout")
     in_range(args.epochs, "--epochs", 1)
     in_range(args.seed, "--seed", 0)
     in_range(args.workers, "--workers", 0)
@@ -226,15 +237,18 @@ def _train(args, dist) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config, resume_meta = _resolve_config(args, run_dir)
+    paths, held = _select_dwis(args)
     model_cfg = resolve_model_config(config)
     patch = tuple(int(p) for p in model_cfg.patch_size)
     device = training_device(args.device, dist)
     init_distributed(dist, device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_temporaries(run_dir):
+            log.info("removed %s, left by a run killed while writing", path)
     dist.barrier()
 
-    subjects, data_record = _prepare_data(args, config, patch, dist, run_dir)
+    subjects, data_record = _prepare_data(args, paths, held, config, patch, dist, run_dir)
     augment = tdata.ProtocolAugment(config.data.volumes, config.data.augment_snr) if config.data.augment_protocol else None
     dataset = tdata.SlabDataset(subjects, config.data, config.seed, augment=augment)
     sampler = tdata.ShardedSampler(len(dataset), config.seed, dist.rank, dist.world_size)

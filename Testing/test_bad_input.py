@@ -74,6 +74,9 @@ CASES = [
     ("drope", ["info", "MISSING"], ["MISSING", "file not found"]),
     ("drope", ["info", "EMPTY"], ["EMPTY", "is a folder"]),
     ("drope", ["info", "CSV"], ["CSV", "unsupported file type"]),
+    ("drope", ["dti", "EMPTY", "--out", "OUT"], ["EMPTY", "is a folder, not a DWI file"]),
+    ("drope", ["reconstruct", "EMPTY", "--out", "OUT", "--progress", "none"], ["EMPTY", "is a folder, not a DWI file"]),
+    ("drope", [*RECONSTRUCT, "--out", "OUT"], ["--weights", "MISSING", "not found"]),
     ("drope", ["dti", "DWI", "--out", "FILE"], ["--out", "FILE", "not a folder"]),
     ("drope", ["dti", "DWI", "--out", "RO"], ["--out", "RO", "cannot write"]),
     ("drope", ["dti", "DWI", "--out", "OUT", "--mask", "MISSING"], ["--mask", "MISSING", "not found"]),
@@ -98,6 +101,7 @@ CASES = [
     ("train", [*TRAIN, "--out", "OUT", "--threads", "0"], ["--threads", ">= 1"]),
     ("train", [*TRAIN, "--out", "OUT", "--seed", "-1"], ["--seed", ">= 0"]),
     ("train", [*TRAIN, "--out", "OUT", "--config", "MISSING"], ["MISSING", "neither a training preset"]),
+    ("train", [*TRAIN, "--out", "OUT", "--holdout", "MISSING"], ["--holdout", "MISSING", "not found"]),
     ("evaluate", [*EVALUATE, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
     ("evaluate", [*EVALUATE, "--out", "RO"], ["--out", "RO", "cannot write"]),
     ("evaluate", [*EVALUATE, "--out", "OUT", "--volumes", "0"], ["--volumes", ">= 1"]),
@@ -113,11 +117,13 @@ CASES = [
     ("probe", [*EXTRACT, "--out", "OUT.npz", "--volumes", "0"], ["--volumes", ">= 1"]),
     ("probe", [*EXTRACT, "--out", "OUT.npz", "--slab", "0"], ["--slab", ">= 1"]),
     ("probe", [*EXTRACT, "--out", "OUT.npz", "--data", "EMPTY"], ["EMPTY", "no DWI found"]),
+    ("probe", [*EXTRACT, "--out", "OUT.npz"], ["--checkpoint", "MISSING", "not found"]),
     ("probe", [*FIT, "--out", "NPZDIR"], ["--out", "NPZDIR", "is a folder"]),
     ("probe", [*FIT, "--out", "RO/r.json"], ["--out", "RO", "cannot write"]),
     ("probe", [*FIT, "--out", "OUT.json", "--seed", "-1"], ["--seed", ">= 0"]),
     ("probe", [*FIT, "--out", "OUT.json", "--save-probe", "EMPTY"], ["--save-probe", "EMPTY", "is a folder"]),
     ("probe", [*FIT, "--out", "OUT.json", "--features", "MISSING"], ["MISSING", "features file"]),
+    ("probe", [*FIT, "--out", "OUT.json", "--features", "FILE"], ["FILE", "not a features .npz"]),
     ("probe", [*FIT, "--out", "OUT.json", "--labels", "MISSING"], ["MISSING", "labels CSV"]),
     ("probe", [*FIT, "--out", "OUT.json", "--target", "height"], ["CSV", "no column 'height'"]),
     ("probe", [*FINETUNE, "--epochs", "0"], ["--epochs", ">= 1"]),
@@ -125,6 +131,7 @@ CASES = [
     ("probe", [*FINETUNE, "--lr", "-0.001"], ["--lr", ">= 0"]),
     ("probe", [*FINETUNE, "--lora-rank", "0"], ["--lora-rank", ">= 1"]),
     ("probe", [*FINETUNE, "--out", "FILE"], ["--out", "FILE", "not a folder"]),
+    ("probe", FINETUNE, ["--checkpoint", "MISSING", "not found"]),
 ]
 
 
@@ -149,6 +156,7 @@ def test_bad_value_is_one_line_and_exit_2(paths, capsys, command, argv, words):
     assert len(lines) == 1 and lines[0].startswith("error") and "Traceback" not in err, err
     for word in _resolve(words, paths):
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    assert not paths["OUT"].exists(), "a run that stopped on bad input left an output folder"
 
 
 def test_reconstruct_refuses_an_existing_file_as_out(paths, capsys):
@@ -293,3 +301,91 @@ def test_a_zero_affine_is_one_line_and_exit_2(tmp_path, crops, capsys):
     assert cli.main(["info", str(folder / "dwi.nii.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "singular" in err and str(folder / "dwi.nii.gz") in err
+
+
+# --- checks before any computation; messages that name the file and the problem ------------------------------------
+
+
+def test_reconstruct_refuses_to_overwrite_an_input_before_computing(paths, capsys, monkeypatch):
+    from DRoPE import reconstruct
+
+    clash = paths["DWI"].parent.parent / "clash"
+    clash.mkdir()
+    for name in ("dwi.nii.gz", "dwi.bval", "dwi.bvec"):  # an input named like an output, inside --out
+        shutil.copy(paths["DWI"].with_name(name), clash / name.replace("dwi", "reconstruction"))
+    before = {p.name: p.read_bytes() for p in clash.iterdir()}
+    monkeypatch.setattr(reconstruct, "run_reconstruction", lambda *a, **k: pytest.fail("ran before the check"))
+    assert cli.main(["reconstruct", str(clash / "reconstruction.nii.gz"), "--out", str(clash), "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refusing to overwrite an input file" in err and str(clash) in err
+    assert {p.name: p.read_bytes() for p in clash.iterdir()} == before
+
+
+def test_an_empty_brain_mask_names_the_file(paths, capsys, monkeypatch):
+    from DRoPE import reconstruct
+
+    monkeypatch.setattr(reconstruct, "brain_mask", lambda dwi: np.zeros(dwi.data.shape[:3], dtype=bool))
+    assert cli.main(["reconstruct", str(paths["DWI"]), "--out", str(paths["OUT"]), "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(paths["DWI"]) in err and "brain mask is empty" in err
+
+
+def test_summary_records_the_values_used_and_those_requested(paths, tmp_path, monkeypatch):
+    from DRoPE import reconstruct
+    from DRoPE.model import DRoPEMAE, model_config, save_model
+    from DRoPE.reconstruct import ReconstructSettings, run_reconstruction
+
+    monkeypatch.setattr(reconstruct, "dti_maps", lambda *args: {})  # not needed here, and slow
+    weights = save_model(DRoPEMAE(model_config("tiny")), tmp_path / "tiny", extra={"slab": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DWIWarning)
+        dwi = load_dwi(paths["DWI"])
+    summary = run_reconstruction(dwi, weights, ReconstructSettings(volumes=1000, mask_ratio=0.5)).summary
+    assert summary["settings"]["volumes"] == 13 and summary["requested"] == {"volumes": 1000}
+    assert summary["settings"]["slab"] == 4 and summary["settings"]["mask_ratio"] == 0.5
+
+
+def _nrrd_with(crops: Path, target: Path, change) -> Path:
+    import nrrd
+
+    data, header = nrrd.read(str(crops / "nrrd_slicer_dwi" / "canon_oblique_dwi.nrrd"))
+    change(header)
+    nrrd.write(str(target), data, header)
+    return target
+
+
+def test_a_nan_nrrd_gradient_is_named(tmp_path, crops):
+    dwi = _nrrd_with(crops, tmp_path / "dwi.nrrd", lambda h: h.update({"DWMRI_gradient_0003": "nan 0 1"}))
+    with pytest.raises(Exception, match="DWMRI_gradient_0003 has a NaN") as error:
+        load_dwi(dwi)
+    assert str(dwi) in str(error.value) and "b-value" not in str(error.value)
+
+
+def test_a_header_without_orientation_is_a_warning_that_info_shows(tmp_path, crops, capsys):
+    import nibabel as nib
+
+    nrrd_path = _nrrd_with(crops, tmp_path / "dwi.nrrd", lambda h: h.pop("measurement frame"))
+    source = nib.load(crops / "canon_oblique_all20d" / "dwi.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), None), tmp_path / "dwi.nii.gz")  # sform, qform codes 0
+    for name in ("dwi.bval", "dwi.bvec"):
+        shutil.copy(crops / "canon_oblique_all20d" / name, tmp_path / name)
+    for path, words in ((nrrd_path, "no 'measurement frame'"), (tmp_path / "dwi.nii.gz", "qform_code are both 0")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DWIWarning)
+            assert any(words in w for w in load_dwi(path).warnings), path
+        assert cli.main(["info", str(path)]) == 0
+        assert words in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DWIWarning)
+        found = load_dwi(crops / "canon_oblique_all20d" / "dwi.nii.gz").warnings
+    assert not [w for w in found if "qform_code" in w or "measurement frame" in w]
+
+
+def test_nan_labels_are_left_out_with_a_warning_naming_them(caplog):
+    features = {f"sub-0{k}": np.ones((1, 4)) for k in range(1, 7)}
+    labels = {"sub-01": "20", "sub-02": "nan", "sub-03": "30", "sub-04": "", "sub-05": "40", "sub-06": "50"}
+    with caplog.at_level(logging.WARNING, logger="drope.probe"):
+        ids = probe._labelled_ids(features, labels, "features.npz", "labels.csv")
+    assert ids == ["sub-01", "sub-03", "sub-05", "sub-06"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "labels.csv" in messages[0] and "2 ids ['sub-02', 'sub-04']" in messages[0]

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -32,6 +33,7 @@ def save_model(model: DRoPEMAE, directory: str | os.PathLike, extra: dict | None
     """Write ``model.safetensors`` + ``model.json`` into ``directory`` (created if needed). Returns the folder.
 
     extra: JSON-serialisable metadata stored under "extra" (training config, epoch, device, ...).
+    Raises CheckpointError when the files cannot be written (full or read-only disk).
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,10 +45,13 @@ def save_model(model: DRoPEMAE, directory: str | os.PathLike, extra: dict | None
     }
     text = json.dumps(meta, indent=2, sort_keys=True)  # fails before anything is written if extra is not JSON-safe
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
-    with atomic_path(folder / META_NAME) as tmp:
-        tmp.write_text(text + "\n")
+    try:
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+        with atomic_path(folder / META_NAME) as tmp:
+            tmp.write_text(text + "\n")
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME}: cannot write the model ({error})") from None
     return folder
 
 
@@ -95,6 +100,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
 
 def _paths(path) -> tuple[Path, Path]:
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; give a checkpoint folder, a .safetensors or a .json file")
     if path.is_dir():
         weights, meta = path / WEIGHTS_NAME, path / META_NAME
     elif path.suffix == ".safetensors":

@@ -414,6 +414,39 @@ class DRoPEMAE(nn.Module):
         """Predicted signal of every patch (visible ones included, not pasted back): (B, V, X, Y, Z)."""
         return self.forward_decoder(self.forward_encoder(x, bvals, bvecs, keep), bvals, bvecs)
 
+    def synthesize(self, x, bvals, bvecs, query_bvals, query_bvecs, *, chunk: int = 1) -> torch.Tensor:
+        """Predict volumes at (b, g) that were not acquired, from every acquired volume.
+
+        x (B, V, X, Y, Z) acquired, all visible; bvals (B, V), bvecs (B, V, 3); query_bvals (B, K), query_bvecs
+        (B, K, 3) unit. Returns (B, K, X, Y, Z). The encoder runs once on x; the decoder then runs on the V
+        acquired tokens plus ``chunk`` queries appended as fully hidden volumes (mask token + their q-space code),
+        so with chunk=1 a query's prediction does not depend on the other queries. Equal to ``reconstruct`` of
+        [x, 0] with the appended volumes hidden in every patch (``keep`` False).
+        """
+        bvals, bvecs = self._check_inputs(x, bvals, bvecs)
+        query_bvals = torch.as_tensor(query_bvals, device=x.device, dtype=x.dtype)
+        query_bvecs = torch.as_tensor(query_bvecs, device=x.device, dtype=x.dtype)
+        B, V = x.shape[:2]
+        K = query_bvals.shape[1] if query_bvals.dim() == 2 else -1
+        if query_bvals.shape != (B, K) or query_bvecs.shape != (B, K, 3) or chunk < 1:
+            raise ModelInputError(
+                f"query_bvals must be (B, K) and query_bvecs (B, K, 3) with B = {B}, and chunk >= 1; got "
+                f"{tuple(query_bvals.shape)}, {tuple(query_bvecs.shape)}, chunk {chunk}"
+            )
+        encoded = self.forward_encoder(x, bvals, bvecs, None)
+        out = []
+        for start in range(0, K, chunk):
+            qb, qg = query_bvals[:, start : start + chunk], query_bvecs[:, start : start + chunk]
+            k = qb.shape[1]
+            hidden = encoded.patches.new_zeros(B, k, *encoded.patches.shape[2:])
+            extended = encoded._replace(
+                patches=torch.cat((encoded.patches, hidden), 1),
+                visible=torch.cat((encoded.visible, encoded.visible.new_zeros(B, k, encoded.visible.shape[2])), 1),
+            )
+            pred = self.forward_decoder(extended, torch.cat((bvals, qb), 1), torch.cat((bvecs, qg), 1))
+            out.append(pred[:, V:])
+        return torch.cat(out, 1) if out else x.new_zeros(B, 0, *x.shape[2:])
+
     @torch.no_grad()
     def attention_maps(self, x, bvals, bvecs, keep=None) -> dict[str, torch.Tensor]:
         """Attention of the last encoder block, averaged over heads.

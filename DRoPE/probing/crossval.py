@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class ProbeDataError(ValueError):
 def load_features(path) -> dict[str, np.ndarray]:
     """{subject id: (K, D) float64}; (D,) arrays become (1, D). Checks one D for all and finite values."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ProbeDataError(f"{path}: not a features .npz (a zip of one array per subject, as probe.py extract writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
             features = {key: np.asarray(data[key], dtype=np.float64) for key in data.files}

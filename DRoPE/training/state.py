@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from DRoPE.atomic import atomic_path
@@ -113,7 +113,10 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     version: str = "",
 ) -> Path:
-    """Write ``checkpoint.safetensors`` then ``checkpoint.json`` atomically into ``run_dir``; returns the JSON path."""
+    """Write ``checkpoint.safetensors`` then ``checkpoint.json`` atomically into ``run_dir``; returns the JSON path.
+
+    Raises CheckpointError (the last complete checkpoint kept) when they cannot be written, e.g. on a full disk.
+    """
     run_dir = Path(run_dir)
     tensors: dict[str, torch.Tensor] = {}
     for name, value in _unwrap(model).state_dict().items():
@@ -144,10 +147,16 @@ def save_checkpoint(
         "extra": _json_safe(state.extra),
     }
     text = json.dumps(meta, indent=1, allow_nan=True)
-    with atomic_path(run_dir / CHECKPOINT_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"checkpoint_json": text, "checkpoint_id": checkpoint_id})
-    with atomic_path(run_dir / CHECKPOINT_JSON) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        with atomic_path(run_dir / CHECKPOINT_TENSORS) as tmp:
+            save_file(tensors, str(tmp), metadata={"checkpoint_json": text, "checkpoint_id": checkpoint_id})
+        with atomic_path(run_dir / CHECKPOINT_JSON) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(
+            f"{run_dir / CHECKPOINT_TENSORS}: cannot write the checkpoint ({error}); the last complete checkpoint is "
+            "kept: free disk space and continue with --resume"
+        ) from None
     return run_dir / CHECKPOINT_JSON
 
 
