@@ -8,7 +8,6 @@ PythonSlicer process (``python -m DRoPE reconstruct ... --progress json``) so th
 import importlib.metadata
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 

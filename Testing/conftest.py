@@ -58,6 +58,17 @@ def sample_dir() -> Path:
     return SAMPLE_DIR
 
 
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A folder with an untrained tiny model (seed 0, training slab 4): fast engine runs on the CPU."""
+    from DRoPE.model import DRoPEMAE, model_config, save_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    save_model(DRoPEMAE(model_config("tiny")), folder, extra={"slab": 4})
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op torch thread for the test (restored after): tiny models run many small ops, which stall on a

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from DRoPE.gradients import DWIWarning
 from DRoPE.io import load_dwi
-from DRoPE.model import DRoPEMAE, model_config, save_model
 from DRoPE.probing import drift
 from DRoPE.probing.extract import ExtractError, extract_latents
 
@@ -76,14 +74,6 @@ def test_session_is_the_listed_one_else_the_corpus_source_else_the_scan():
     assert drift.session_of("x/corpus/dcm_qa_uih/AP_9/dwi.nii.gz", "AP_9") == "dcm_qa_uih"
     assert drift.session_of("x/canon_ortho/dwi.nii.gz", "canon_ortho", {"canon_ortho": "dcm_qa_canon"}) == "dcm_qa_canon"
     assert drift.session_of("x/alone/dwi.nii.gz", "alone") == "alone"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(DRoPEMAE(model_config("tiny")), folder, extra={"slab": 4})
-    return folder
 
 
 def test_full_protocol_latent_is_the_extract_latent(canon, crops, tiny_weights):

@@ -68,14 +68,6 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(DRoPEMAE(model_config("tiny")), folder, extra={"slab": 4})
-    return folder
-
-
-@pytest.fixture(scope="module")
 def small_dwi(tmp_path_factory, sample_dir) -> Path:
     box = (slice(16, 64), slice(16, 64), slice(14, 22))
     return crop_dwi(sample_dir / "dwi.nii.gz", tmp_path_factory.mktemp("small") / "dwi.nii.gz", box)

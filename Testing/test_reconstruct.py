@@ -12,25 +12,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import crop_dwi
 from DRoPE.cli import main as cli_main
 from DRoPE.io import load_dwi
-from DRoPE.model import DRoPEMAE, model_config, save_model
+from DRoPE.model import DRoPEMAE
 from DRoPE.probes import LinearProbe, save_probe
 from DRoPE.reconstruct import ReconstructSettings, dti_maps, run_reconstruction, select_volumes
 
 REPO = Path(__file__).resolve().parents[1]
 MAPS = ("fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "attention")
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(DRoPEMAE(model_config("tiny")), folder, extra={"slab": 4})
-    return folder
 
 
 @pytest.fixture(scope="module")

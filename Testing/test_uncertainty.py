@@ -13,19 +13,11 @@ import torch
 from conftest import crop_dwi
 from DRoPE.cli import main as cli_main
 from DRoPE.io import load_dwi
-from DRoPE.model import DRoPEMAE, model_config, save_model
+from DRoPE.model import DRoPEMAE
 from DRoPE.reconstruct import DrawSpread, ReconstructSettings, draw_seed, run_reconstruction
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPREAD = ("reconstruction_mean", "reconstruction_std", "fa_mean", "fa_std")
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(DRoPEMAE(model_config("tiny")), folder, extra={"slab": 4})
-    return folder
 
 
 @pytest.fixture(scope="module")

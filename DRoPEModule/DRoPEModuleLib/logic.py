@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import slicer
-
 from . import mrml_io, paths, process, results as results_lib, views
 
 logger = logging.getLogger(__name__)
