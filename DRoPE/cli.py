@@ -23,7 +23,7 @@ from .arguments import in_range, input_file, model_checkpoint, output_folder, sc
 from .atomic import atomic_folder, full_suffix
 from .dti import DTIModel, mean_b0
 from .dwi import DWI
-from .gradcheck import GradientCheck, check_gradients, check_summary
+from .gradcheck import check_gradients, check_summary, world_fix
 from .gradients import DWIError, DWIWarning
 from .io import describe, input_files, load_dwi, refuse_inputs, save_scalar_nifti
 from .overview import save_overview
@@ -99,18 +99,20 @@ def _add_info(subparsers) -> None:
 # --- check-gradients ----------------------------------------------------------------------------------------------
 
 
-def run_check_gradients(path: Path, bval: Path | None = None, bvec: Path | None = None,
-                        mask_path: Path | None = None) -> GradientCheck:
-    """Score the 24 distinct sign flips / axis orders of the b-vectors by the fibre coherence of V1 (see gradcheck)."""
-    dwi = _read_dwi(path, bval, bvec)
-    return check_gradients(dwi, read_mask(Path(mask_path), dwi) if mask_path else None)
-
-
 def _cmd_check_gradients(args: argparse.Namespace) -> int:
-    input_file(args.mask, "--mask")
-    result = run_check_gradients(args.dwi, args.bval, args.bvec, args.mask)
+    def work(report):
+        input_file(args.mask, "--mask")
+        report(0.0, "brain mask and tensor fit")
+        dwi = _read_dwi(args.dwi, args.bval, args.bvec)
+        result = check_gradients(dwi, read_mask(Path(args.mask), dwi) if args.mask else None)
+        return {"file": str(args.dwi)} | result.to_json() | {
+            "message": result.message(), "world_matrix": np.round(world_fix(dwi, result.best), 6).tolist()}, result
+
+    if args.progress == "json":
+        return engine_command(args, lambda report: {"result": work(report)[0]})
+    record, result = work(lambda fraction, message: None)
     if args.json:
-        print(json.dumps({"file": str(args.dwi)} | result.to_json()))
+        print(json.dumps(record))
         return 0
     print(result.message())
     for candidate, score in list(zip(result.candidates, result.scores))[:5]:
@@ -125,13 +127,15 @@ def _add_check_gradients(subparsers) -> None:
         help="check the b-vector signs and axis order against the data (fibre coherence of the tensor directions)",
         description="Fit DTI once and score every sign flip / axis order of the b-vectors (in the image frame: the "
         "FSL .bvec axes) by how coherent the principal directions are with their neighbours. --json prints "
-        '{"given_is_best", "best": {"permutation", "flip", ...}, "margin", ...} where the best table is '
-        "bvecs_fixed[a] = (-1 if flip[a] else 1) * bvecs_given[permutation[a]]. Exit code 0 whatever the verdict.",
+        '{"given_is_best", "best": {"permutation", "flip", ...}, "margin", "world_matrix", ...} where the best table '
+        "is bvecs_fixed[a] = (-1 if flip[a] else 1) * bvecs_given[permutation[a]] (world_matrix: the same fix for "
+        "world RAS gradients, fixed = W @ given). Exit code 0 whatever the verdict.",
     )
     _add_input(parser)
     parser.add_argument("--mask", type=Path, help="brain mask (.nii/.nii.gz) on the DWI's grid; default: a quick "
                         "median_otsu mask")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_progress(parser, ("none", "json"), "none")
     parser.set_defaults(handler=_cmd_check_gradients)
 
 
@@ -216,13 +220,13 @@ def _raise_cancelled(signum, frame):
     raise Cancelled(f"stopped by signal {signum}")
 
 
-def _progress_reporter(mode: str):
+def _progress_reporter(mode: str, desc: str):
     """progress(fraction, message) callback: JSON lines on stdout (``--progress json``) or a tqdm bar."""
     if mode == "json":
         def report(fraction: float, message: str) -> None:
             print(json.dumps({"event": "progress", "fraction": round(fraction, 4), "message": message}), flush=True)
         return report, None
-    bar = tqdm(total=100, desc="reconstruct", unit="%", delay=1.0, disable=mode == "none")
+    bar = tqdm(total=100, desc=desc, unit="%", delay=1.0, disable=mode == "none")
 
     def report(fraction: float, message: str) -> None:
         bar.set_postfix_str(message, refresh=False)  # shown by the update, once the bar's delay has passed
@@ -230,26 +234,62 @@ def _progress_reporter(mode: str):
     return report, bar
 
 
-def run_reconstruct(args: argparse.Namespace) -> list[Path]:
+def engine_command(args: argparse.Namespace, work) -> int:
+    """Run ``work(report)`` as the Slicer module's engine: SIGTERM / SIGINT cancel it (exit 143), bad input gives
+    one line (exit 2). ``work`` returns the fields of the final ``done`` event (``--progress json``); otherwise
+    their ``"lines"`` are printed. Progress is a bar, JSON lines or nothing (``--progress``)."""
+    from .model.checkpoint import CheckpointError
+    from .probes import ProbeError
+
+    report, bar = _progress_reporter(args.progress, args.command)
+    previous = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        payload = work(report)
+    except Cancelled as exc:
+        _emit(args, "cancelled", str(exc))
+        return EXIT_CANCELLED
+    except (DWIError, CheckpointError, ProbeError, ValueError) as exc:
+        _emit(args, "error", str(exc))
+        return EXIT_INPUT_ERROR
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if bar is not None:  # an error message then starts on a line of its own
+            bar.close()
+    lines = payload.pop("lines", [])
+    if args.progress == "json":
+        print(json.dumps({"event": "done"} | payload), flush=True)
+    else:
+        print("\n".join(map(str, lines)))
+    return 0
+
+
+def _emit(args: argparse.Namespace, event: str, message: str) -> None:
+    if args.progress == "json":
+        print(json.dumps({"event": event, "message": message}), flush=True)
+    print(f"{event}: {message}", file=sys.stderr)
+
+
+def add_progress(parser: argparse.ArgumentParser, choices=("bar", "json", "none"), default: str = "bar") -> None:
+    parser.add_argument("--progress", choices=choices, default=default,
+                        help="progress as a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+
+
+def run_reconstruct(args: argparse.Namespace, report) -> list[Path]:
     """Load, reconstruct and write every output of ``python -m DRoPE reconstruct`` (see its --help)."""
     from .device import select_device
     from .reconstruct import ReconstructSettings, output_paths, run_reconstruction, write_outputs
 
     _check_reconstruct_args(args)
-    report, bar = _progress_reporter(args.progress)
-    try:
-        report(0.0, "reading the DWI")
-        dwi = _read_dwi(args.dwi, args.bval, args.bvec)
-        refuse_inputs(output_paths(args.out), input_files(dwi), dwi.source)
-        settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab,
-                                       draws=args.draws)
-        result = run_reconstruction(dwi, args.weights, settings, select_device(args.device), report)
-        report(0.97, "writing outputs")
-        written = write_outputs(result, args.out, probe_path=args.probe)
-        report(1.0, "done")
-    finally:  # an error message then starts on a line of its own
-        if bar is not None:
-            bar.close()
+    report(0.0, "reading the DWI")
+    dwi = _read_dwi(args.dwi, args.bval, args.bvec)
+    refuse_inputs(output_paths(args.out), input_files(dwi), dwi.source)
+    settings = ReconstructSettings(mask_ratio=args.mask_ratio, volumes=args.volumes, seed=args.seed, slab=args.slab,
+                                   draws=args.draws)
+    result = run_reconstruction(dwi, args.weights, settings, select_device(args.device), report)
+    report(0.97, "writing outputs")
+    written = write_outputs(result, args.out, probe_path=args.probe)
+    report(1.0, "done")
     return written
 
 
@@ -268,33 +308,7 @@ def _check_reconstruct_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .model.checkpoint import CheckpointError
-    from .probes import ProbeError
-
-    previous = {sig: signal.signal(sig, _raise_cancelled) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        written = run_reconstruct(args)
-    except Cancelled as exc:
-        _emit(args, "cancelled", str(exc))
-        return EXIT_CANCELLED
-    except (DWIError, CheckpointError, ProbeError, ValueError) as exc:
-        _emit(args, "error", str(exc))
-        return EXIT_INPUT_ERROR
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if args.progress == "json":
-        print(json.dumps({"event": "done", "out": str(args.out)}), flush=True)
-    else:
-        for path in written:
-            print(path)
-    return 0
-
-
-def _emit(args: argparse.Namespace, event: str, message: str) -> None:
-    if args.progress == "json":
-        print(json.dumps({"event": event, "message": message}), flush=True)
-    print(f"{event}: {message}", file=sys.stderr)
+    return engine_command(args, lambda report: {"out": str(args.out), "lines": run_reconstruct(args, report)})
 
 
 def _add_reconstruct(subparsers) -> None:
@@ -318,15 +332,14 @@ def _add_reconstruct(subparsers) -> None:
                         help="independent patch-mask draws (default 1); K > 1 also writes reconstruction_mean/_std and "
                         "fa_mean/_std: the spread of the prediction over the draws that hid each voxel, and of FA")
     parser.add_argument("--probe", type=Path, default=None, help="fitted linear probe (JSON) to apply to the latent")
-    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                        help="progress as a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+    add_progress(parser)
     parser.set_defaults(handler=_cmd_reconstruct)
 
 
 # --- synthesize ---------------------------------------------------------------------------------------------------
 
 
-def run_synthesize(args: argparse.Namespace) -> list[Path]:
+def run_synthesize(args: argparse.Namespace, report) -> list[Path]:
     """Read the DWI and the request, synthesise and write ``python -m DRoPE synthesize`` (see its --help)."""
     from .device import select_device
     from .synthesis import check_outputs, read_request, run_synthesis, write_synthesis
@@ -337,26 +350,20 @@ def run_synthesize(args: argparse.Namespace) -> list[Path]:
     in_range(args.slab, "--slab", 1)
     in_range(args.chunk, "--chunk", 1)
     model_checkpoint(args.weights, "--weights")
+    report(0.0, "reading the DWI")
     dwi = _read_dwi(args.dwi, args.bval, args.bvec)
     request = read_request(args.bvals, args.bvecs, dwi)
     check_outputs(args.out, dwi, protect=(args.bvals, args.bvecs))
-    result = run_synthesis(dwi, request, args.weights, select_device(args.device), slab=args.slab, chunk=args.chunk)
+    result = run_synthesis(dwi, request, args.weights, select_device(args.device), slab=args.slab, chunk=args.chunk,
+                           progress=report)
     for note in result.summary["warnings"]:
         print(f"warning: {note}", file=sys.stderr)
+    report(0.97, "writing outputs")
     return write_synthesis(result, args.out, protect=(args.bvals, args.bvecs))
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from .model.checkpoint import CheckpointError
-
-    try:
-        written = run_synthesize(args)
-    except (DWIError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    for path in written:
-        print(path)
-    return 0
+    return engine_command(args, lambda report: {"out": str(args.out), "lines": run_synthesize(args, report)})
 
 
 def _add_synthesize(subparsers) -> None:
@@ -378,6 +385,7 @@ def _add_synthesize(subparsers) -> None:
                         help="slices per inference slab (default: the checkpoint's training slab)")
     parser.add_argument("--chunk", type=int, default=1,
                         help="requested volumes decoded together (default 1: each independent of the others)")
+    add_progress(parser)
     parser.set_defaults(handler=_cmd_synthesize)
 
 

@@ -104,6 +104,13 @@ def image_to_canonical(dwi: DWI) -> np.ndarray:
     return dwi.grid.voxel_to_canonical @ np.diag([fsl_x, 1.0, 1.0])
 
 
+def world_fix(dwi: DWI, candidate: TableCandidate) -> np.ndarray:
+    """(3, 3) W with fixed world RAS b-vector = W @ given world RAS b-vector: ``candidate``'s image-frame fix for
+    tools that keep gradients in world or measurement frames (Slicer's DWI nodes)."""
+    to_world = dwi.rotation @ image_to_canonical(dwi)  # image frame -> world RAS
+    return to_world @ candidate.matrix @ np.linalg.inv(to_world)
+
+
 def neighbour_offsets(radius: int = NEIGHBOUR_RADIUS) -> np.ndarray:
     """(K, 3) int voxel offsets within ``radius`` per axis, one of each antipodal pair (K = 13 or 62)."""
     steps = range(-radius, radius + 1)

@@ -35,7 +35,8 @@ from .model import load_model
 from .model.checkpoint import read_metadata
 from .preprocess import Preprocessed, brain_mask, preprocess
 from .protocol import describe_protocol
-from .reconstruct import ReconstructSettings, protocol_tensors, resolve_slab, slab_tensors, weighted_volumes
+from .reconstruct import (Progress, ReconstructSettings, protocol_tensors, resolve_slab, slab_tensors,
+                          weighted_volumes)
 from .resources import DEFAULT_WEIGHTS
 
 
@@ -84,9 +85,11 @@ def read_request(bval_path, bvec_path, dwi: DWI) -> GradientTable:
 
 
 @torch.no_grad()
-def synthesize_normalised(model, prep: Preprocessed, bvals, bvecs, slab: int, device="cpu", chunk: int = 1) -> np.ndarray:
+def synthesize_normalised(model, prep: Preprocessed, bvals, bvecs, slab: int, device="cpu", chunk: int = 1,
+                          progress: Progress | None = None) -> np.ndarray:
     """b0-normalised prediction on the model grid: (K, X, Y, Z) float32 at the K weighted requests bvals (K,),
-    bvecs (K, 3) (canonical voxel frame), 0 outside ``prep.mask``. Every acquired weighted volume is visible."""
+    bvecs (K, 3) (canonical voxel frame), 0 outside ``prep.mask``. Every acquired weighted volume is visible.
+    progress(fraction, message) is called after each slab."""
     acquired_b, acquired_g = protocol_tensors(prep, device)
     query_b = torch.as_tensor(np.asarray(bvals), dtype=torch.float32, device=device)[None]
     query_g = torch.as_tensor(np.asarray(bvecs), dtype=torch.float32, device=device)[None]
@@ -97,6 +100,8 @@ def synthesize_normalised(model, prep: Preprocessed, bvals, bvecs, slab: int, de
         if brain:
             pred = model.synthesize(x, acquired_b, acquired_g, query_b, query_g, chunk=chunk)[0]
             out[..., z0 : z0 + x.shape[-1]] = pred.float().cpu().numpy()
+        if progress is not None:
+            progress(min(z0 + slab, Z) / Z, f"slices {min(z0 + slab, Z)} of {Z}")
     return out * prep.mask
 
 
@@ -126,22 +131,29 @@ def run_synthesis(
     *,
     slab: int | None = None,
     chunk: int = 1,
+    progress: Progress | None = None,
 ) -> Synthesis:
-    """Synthesise the volumes of ``request`` from every volume of ``dwi`` with the checkpoint ``weights``."""
+    """Synthesise the volumes of ``request`` from every volume of ``dwi`` with the checkpoint ``weights``.
+
+    progress(fraction, message) is called as the work advances (model loading, brain mask, each slab)."""
+    report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     if request.b0s_mask.all():
         raise SynthesisError(f"{request.source}: no diffusion-weighted volume requested (every b < {B0_THRESHOLD:g})")
     device = torch.device(device)
+    report(0.02, "loading the model")
     meta = read_metadata(weights)
     model = load_model(weights, device=device)
     slab = resolve_slab(ReconstructSettings(slab=slab), meta, model.config.patch_size[2])
+    report(0.05, "brain mask")
     mask = brain_mask(dwi)
     prep = preprocess(dwi, mask=mask, patch=model.config.patch_size)
     weighted_volumes(prep)  # raises when the input has no weighted volume
     if not prep.mask.any():
         raise SynthesisError(f"{dwi.source}: the brain mask is empty; nothing to synthesise")
     ask = np.flatnonzero(~request.b0s_mask)
-    pred = synthesize_normalised(model, prep, request.bvals[ask], request.bvecs[ask], slab, device, chunk)
+    pred = synthesize_normalised(model, prep, request.bvals[ask], request.bvecs[ask], slab, device, chunk,
+                                 lambda fraction, message: report(0.1 + 0.85 * fraction, message))
     b0 = mean_b0(dwi.data, dwi.gtab)
     data = np.repeat((b0 * mask)[..., None], len(request), axis=-1).astype(np.float32)
     data[..., ask] = prep.to_input(pred) * b0[..., None] * mask[..., None]

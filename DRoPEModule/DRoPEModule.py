@@ -93,6 +93,9 @@ class DRoPEModuleParameterNode:
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     draws: Annotated[int, WithinRange(1, 100)] = 1
     probePath: str = ""
+    synthesisBvals: str = ""
+    synthesisBvecs: str = ""
+    driftDraws: Annotated[int, WithinRange(2, 50)] = 5
 
 
 #
@@ -108,6 +111,7 @@ class DRoPEModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._results = None
+        self._gradientCheck = None  # (input node, the check's result) of the last gradient check
         self._timer = None
 
     def setup(self) -> None:
@@ -128,6 +132,11 @@ class DRoPEModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.probeBrowseButton.connect("clicked(bool)", self.onProbeBrowseButton)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLogButton)
         self.ui.volumeSliderWidget.connect("valueChanged(double)", self.onVolumeChanged)
+        self.ui.checkGradientsButton.connect("clicked(bool)", self.onCheckGradientsButton)
+        self.ui.correctedCopyButton.connect("clicked(bool)", self.onCorrectedCopyButton)
+        self.ui.synthesisBrowseButton.connect("clicked(bool)", self.onSynthesisBrowseButton)
+        self.ui.synthesizeButton.connect("clicked(bool)", self.onSynthesizeButton)
+        self.ui.driftButton.connect("clicked(bool)", self.onDriftButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -189,6 +198,8 @@ class DRoPEModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = not problems and not running
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Reconstruct the hidden patches")
         self.ui.cancelButton.enabled = running
+        for button in ("checkGradientsButton", "synthesizeButton", "driftButton"):
+            getattr(self.ui, button).enabled = not running  # what is missing is said when clicked
 
     # -- actions ---------------------------------------------------------------------------------------------
 
@@ -231,16 +242,50 @@ class DRoPEModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
+        self._startRun(
+            self.logic.start, p.inputVolume, p.outputRoot, weights=paths.optional_path(p.weightsPath),
+            device=p.device, mask_ratio=p.maskRatio, volumes=p.volumes, seed=p.seed,
+            probe=paths.optional_path(p.probePath), draws=p.draws, replace=p.replacePrevious, on_done=self._onDone)
+
+    def onCheckGradientsButton(self) -> None:
+        node = self._parameterNode.inputVolume
+        self._startRun(self.logic.check_gradients, node, on_done=lambda result: self._onGradientCheck(node, result))
+
+    def onCorrectedCopyButton(self) -> None:
+        node, result = self._gradientCheck
+        with slicer.util.tryWithErrorDisplay(_("Failed to make the corrected copy."), waitCursor=True):
+            copy = self.logic.corrected_copy(node, result["world_matrix"])
+            self._parameterNode.inputVolume = copy
+            self._setStatus(_("Made {name}; it is now the input.").format(name=copy.GetName()))
+
+    def onSynthesisBrowseButton(self) -> None:
+        bval = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("b-values to synthesise"), "",
+                                              _("FSL b-values (*.bval *.bvals);;All files (*)"))
+        if bval:
+            self._parameterNode.synthesisBvals = bval
+            bvec = paths.bvec_beside(bval)
+            self._parameterNode.synthesisBvecs = str(bvec) if bvec else ""
+
+    def onSynthesizeButton(self) -> None:
+        p = self._parameterNode
+        self._startRun(self.logic.synthesize, p.inputVolume, p.synthesisBvals, p.synthesisBvecs, p.outputRoot,
+                       weights=paths.optional_path(p.weightsPath), device=p.device, on_done=self._onSynthesized)
+
+    def onDriftButton(self) -> None:
+        p = self._parameterNode
+        self._startRun(self.logic.drift, list(self.ui.driftSelector.checkedNodes()), p.outputRoot,
+                       weights=paths.optional_path(p.weightsPath), draws=p.driftDraws, device=p.device,
+                       on_done=self._onDrift)
+
+    def _startRun(self, start, *args, on_done, **options) -> None:
+        """Install missing packages (first run), then ``start(*args, ...)`` one of the Logic's engine runs."""
         with slicer.util.tryWithErrorDisplay(_("Failed to start DRoPE."), waitCursor=True):
             self._setStatus(_("Checking the Python packages..."))
             self.ensureDependencies()
             self._setStatus(_("Exporting the DWI..."))
             slicer.app.processEvents()
-            self.logic.start(
-                p.inputVolume, p.outputRoot, weights=paths.optional_path(p.weightsPath), device=p.device,
-                mask_ratio=p.maskRatio, volumes=p.volumes, seed=p.seed, probe=paths.optional_path(p.probePath),
-                draws=p.draws, replace=p.replacePrevious, on_progress=self._onProgress, on_done=self._onDone,
-                on_error=self._onError, on_cancel=self._onCancel)
+            start(*args, on_progress=self._onProgress, on_done=on_done, on_error=self._onError,
+                  on_cancel=self._onCancel, **options)
             self.ui.progressBar.value = 0
             self.ui.showLogButton.enabled = True
             self._setStatus(_("Starting the engine (loading PyTorch and the model)..."))
@@ -309,6 +354,31 @@ class DRoPEModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsFolderLabel.text = f"<a href='{folder}'>{results.out_dir}</a>"
         note = _(" Missing outputs: {names}.").format(names=", ".join(results.missing)) if results.missing else ""
         self._setStatus(_("Done.") + note)
+
+    def _onGradientCheck(self, node, result: dict) -> None:
+        from DRoPEModuleLib import results as resultsLib
+
+        self._gradientCheck = (node, result)
+        self.ui.gradientCheckLabel.text = resultsLib.gradient_check_text(result)
+        self.ui.correctedCopyButton.enabled = not result["given_is_best"]
+        self.ui.progressBar.value = 100
+        self._setStatus(_("Gradient check done."))
+
+    def _onSynthesized(self, node) -> None:
+        self.ui.progressBar.value = 100
+        self._setStatus(_("Synthesized {name}.").format(name=node.GetName()))
+
+    def _onDrift(self, report) -> None:
+        from DRoPEModuleLib import results as resultsLib
+
+        figure = qt.QUrl.fromLocalFile(str(report.figure)).toString()
+        lines = resultsLib.drift_lines(report.overall) + [f"<a href='{figure}'>{report.figure.name}</a>"]
+        self.ui.driftLabel.text = "<br>".join(lines)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(report.table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        self.ui.progressBar.value = 100
+        self._setStatus(_("Drift report done: {path}").format(path=report.csv))
 
 
 def torchVersion() -> Optional[str]:

@@ -38,6 +38,7 @@ import numpy as np
 from DRoPE import __version__
 from DRoPE.arguments import in_range, model_checkpoint, output_file, output_folder, scan_flags
 from DRoPE.atomic import atomic_path
+from DRoPE.cli import add_progress, engine_command
 from DRoPE.device import select_device
 from DRoPE.evaluation.report import write_csv, write_json
 from DRoPE.overview import save_figure
@@ -409,9 +410,20 @@ def _add_drift(sub) -> None:
     dr.add_argument("--seed", type=int, default=0, help="seeds the draws and the untrained encoder")
     dr.add_argument("--slab", type=int, default=None, help="slices per slab (default: the checkpoint's)")
     dr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_progress(dr, ("none", "json"), "none")
+
+
+def finite_or_none(value) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def cmd_drift(args) -> int:
+    return engine_command(args, lambda report: run_drift(args, report))
+
+
+def run_drift(args, report) -> dict:
+    """The drift report of ``probe.py drift`` (see its --help); returns the ``done`` event's fields: the CSV path
+    and the overall ratios per representation."""
     from DRoPE.io import load_dwi
     from DRoPE.model import load_model, read_metadata
     from DRoPE.probing import drift
@@ -437,7 +449,8 @@ def cmd_drift(args) -> int:
     model = load_model(args.checkpoint, device=device).eval()
     slab = resolve_slab(ReconstructSettings(slab=args.slab), read_metadata(args.checkpoint), model.config.patch_size[2])
     scans = []
-    for sid, path in zip(ids, paths):
+    for n, (sid, path) in enumerate(zip(ids, paths)):
+        report(0.05 * n / len(paths), f"reading {sid}")
         scans.append(drift.make_draws(sid, load_dwi(path), args.draws, args.min_volumes, args.seed))
         print(f"{sid}: session {sessions[sid]}, draws of {[len(d) for d in scans[-1].draws]} volumes", flush=True)
     representations = {"DRoPE": drift.encoder_latents(model, slab, device)}
@@ -445,7 +458,8 @@ def cmd_drift(args) -> int:
         representations["untrained encoder"] = drift.encoder_latents(drift.untrained_like(model, args.seed), slab, device)
     representations["signal histogram"] = drift.signal_histogram
     latents, results, rows = {}, {}, []
-    for name, represent in representations.items():
+    for n, (name, represent) in enumerate(representations.items()):
+        report(0.05 + 0.9 * n / len(representations), f"latents: {name}")
         latents[name] = drift.represent_all(scans, represent)
         results[name] = drift.drift_rows(latents[name], sessions)
         rows += [{"representation": name, **row} for row in results[name]]
@@ -462,8 +476,10 @@ def cmd_drift(args) -> int:
               "scans": {s.subject: {"path": str(p), "session": sessions[s.subject],
                                     "draws": [d.tolist() for d in s.draws]} for s, p in zip(scans, paths)}}
     write_json(out.with_suffix(".json"), record)
-    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
-    return 0
+    overall = {name: {key: finite_or_none(results[name][-1][key]) for key in ("ratio_within", "ratio_session")}
+               for name in results}
+    return {"out": str(out), "overall": overall,
+            "lines": [f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}"]}
 
 
 if __name__ == "__main__":

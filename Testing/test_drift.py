@@ -48,6 +48,14 @@ def test_distances_and_ratios_match_hand_computed_values():
     assert overall["ratio_session"] == pytest.approx(np.mean([3.0, 3.0]) / between)
 
 
+def test_identical_scans_in_two_sessions_give_no_ratio_instead_of_a_crash():
+    """The same scan loaded twice and listed as two sessions: between-brain distance 0, ratios NaN."""
+    same = np.array([[1, 2], [1, 2.5], [1, 1.5]], float)
+    rows = drift.drift_rows({"a": same, "b": same.copy()}, {"a": "s1", "b": "s2"})
+    assert [r["between_brains"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(np.isnan(r["ratio_within"]) and np.isnan(r["ratio_session"]) for r in rows)
+
+
 @pytest.fixture(scope="module")
 def canon(crops):
     with warnings.catch_warnings():

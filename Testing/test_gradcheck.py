@@ -205,6 +205,27 @@ def test_check_gradients_json_gives_the_table_that_restores_the_original(crops, 
     assert np.allclose(fixed, given, atol=1e-5) or np.allclose(fixed, -given, atol=1e-5)
 
 
+def test_progress_json_ends_with_the_verdict_and_its_world_matrix(crops, tmp_path, capsys):
+    """The Slicer module's protocol: progress lines, then one done event whose world_matrix turns the crafted
+    table's world RAS directions back into the acquired ones (up to the global sign)."""
+    folder = crops / "canon_oblique_all20d"
+    path = _copy_scan(folder, tmp_path, CRAFTED["flip y"].matrix @ _given_rows(folder))
+    assert main(["check-gradients", str(path), "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["progress", "done"]
+    result = events[-1]["result"]
+    assert result["given_is_best"] is False and "message" in result
+    fixed = _load(path).world_bvecs() @ np.array(result["world_matrix"]).T
+    truth = _load(folder / "dwi.nii.gz").world_bvecs()
+    assert np.allclose(fixed, truth, atol=1e-5) or np.allclose(fixed, -truth, atol=1e-5)
+
+
+def test_progress_json_reports_bad_input_as_one_error_event(crops, tmp_path, capsys):
+    assert main(["check-gradients", str(tmp_path / "none.nii.gz"), "--progress", "json"]) == 2
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["progress", "error"] and "none.nii.gz" in events[-1]["message"]
+
+
 def test_info_warns_about_a_wrong_table_and_changes_nothing(crops, tmp_path, capsys):
     folder = crops / "canon_oblique_all20d"
     assert main(["info", str(folder / "dwi.nii.gz")]) == 0

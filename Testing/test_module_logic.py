@@ -81,7 +81,10 @@ def request_files(tmp_path):
          process.ProgressEvent("progress", 0.4, "encoding")),
         ('  {"event": "progress", "fraction": 1}\n', process.ProgressEvent("progress", 1.0, "")),
         ('{"event": "progress", "fraction": 1.7}', process.ProgressEvent("progress", 1.0, "")),
-        ('{"event": "done", "out": "/tmp/x"}', process.ProgressEvent("done", 1.0, "", "/tmp/x")),
+        ('{"event": "done", "out": "/tmp/x"}',
+         process.ProgressEvent("done", 1.0, "", "/tmp/x", {"event": "done", "out": "/tmp/x"})),
+        ('{"event": "done", "result": {"margin": 0.1}}',
+         process.ProgressEvent("done", 1.0, "", None, {"event": "done", "result": {"margin": 0.1}})),
         ('{"event": "error", "message": "no b0"}', process.ProgressEvent("error", None, "no b0")),
         ('{"event": "error"}', process.ProgressEvent("error", None, "the engine reported an error")),
         ('{"event": "progress", "fraction": "half"}', None),
@@ -104,7 +107,7 @@ def test_build_command_flags(request_files, tmp_path):
     probe.write_text("{}")
     request = process.ReconstructionRequest(request_files.input_path, tmp_path / "o", request_files.weights,
                                             device="cpu", mask_ratio=0.5, volumes=12, seed=7, probe=probe, draws=8)
-    command = process.build_command(request, python="/opt/PythonSlicer")
+    command = process.build_command(request, process.engine_prefix("/opt/PythonSlicer"))
     assert command == [
         "/opt/PythonSlicer", "-m", "DRoPE", "reconstruct", str(request.input_path), "--out", str(tmp_path / "o"),
         "--weights", str(request.weights), "--device", "cpu", "--mask-ratio", "0.5", "--volumes", "12",
@@ -112,7 +115,7 @@ def test_build_command_flags(request_files, tmp_path):
     ]
     # defaults: 0 volumes (= engine default), no seed, no probe, 1 draw -> flags left out
     minimal = process.ReconstructionRequest(request_files.input_path, tmp_path / "o", request_files.weights)
-    command = process.build_command(minimal, python="py")
+    command = process.build_command(minimal, process.engine_prefix("py"))
     assert not {"--volumes", "--seed", "--probe", "--draws"} & set(command)
     assert command[-2:] == ["--progress", "json"] and command[command.index("--mask-ratio") + 1] == "0.75"
 
@@ -122,7 +125,7 @@ def test_build_command_validates_and_lists_every_problem(tmp_path):
                                             device="tpu", mask_ratio=1.0, volumes=-1, probe=tmp_path / "p.json",
                                             draws=0)
     with pytest.raises(process.RequestError) as info:
-        process.build_command(request, python="py")
+        process.build_command(request, process.engine_prefix("py"))
     message = str(info.value)
     for part in ("missing.nrrd", "none.safetensors", "tpu", "Mask ratio", "Number of volumes", "p.json", "draws"):
         assert part in message
@@ -775,7 +778,7 @@ def test_real_engine_reports_bad_input_as_one_message(real_cli, tmp_path):
     if weights is None:
         pytest.skip("no bundled weights")
     command = process.build_command(process.ReconstructionRequest(bad, tmp_path / "out", weights, device="cpu"),
-                                    python=sys.executable)
+                                    process.engine_prefix(sys.executable))
     rec = Recorder()
     run = process.EngineProcess(command, env=process.engine_environment(REPO_ROOT), **rec.kwargs())
     run.start()
@@ -801,7 +804,7 @@ def test_reconstruct_with_a_tiny_checkpoint(real_cli, colored_scene, mrml_io, sa
     out = tmp_path / "out"
     request = process.ReconstructionRequest(mrml_io.export_dwi(node, tmp_path / "in"), out, weights,
                                             device="cpu", seed=0)
-    run_engine(process.build_command(request, python=sys.executable), process.engine_environment(REPO_ROOT), 600)
+    run_engine(process.build_command(request, process.engine_prefix(sys.executable)), process.engine_environment(REPO_ROOT), 600)
     res = results_lib.load_results(scene, out, node)
     assert res.off_grid == [] and res.missing == []
     for volume in res.volume_nodes():

@@ -332,3 +332,111 @@ def test_real_engine_with_the_bundled_weights_on_the_sample(app_scene, sample_di
     md = array(res.md)
     assert np.all(array(res.attention)[md <= 0] == 0) and np.any(array(res.attention) > 0)
     assert composite(scene, "DRoPEReconstruction").GetBackgroundVolumeID() == res.reconstruction.GetID()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the analyses: gradient check + corrected copy, synthesis, drift (the real engine, tiny or no weights)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def real_logic(scene, tmp_path):
+    return DRoPELogic(scene, tmp_path / "temp", engine_prefix=[sys.executable, "-m", "DRoPE"],
+                      probe_prefix=[sys.executable, str(REPO_ROOT / "DRoPETrain" / "probe.py")],
+                      env=process.engine_environment(REPO_ROOT))
+
+
+def wait_for(run, done, errors, timeout=600):
+    assert run.wait(timeout=timeout) == "done", (errors, list(run.log_tail)[-10:])
+    return done[0]
+
+
+def test_gradient_check_finds_a_crafted_flip_and_the_copy_undoes_it(app_scene, sample_dir, tmp_path):
+    """The sample with its b-vectors flipped along image y: the check names a fix whose corrected copy has the
+    acquired gradients back (up to the global sign, which gives the same tensors); the checked node is unchanged."""
+    from DRoPE.gradcheck import TableCandidate, world_fix
+    from DRoPE.io import load_dwi
+
+    scene = app_scene
+    dwi = sample_node(scene, sample_dir)
+    acquired = mrml_io.dwi_arrays(dwi)
+    flip_y = world_fix(load_dwi(sample_dir / "dwi.nrrd"), TableCandidate((0, 1, 2), (False, True, False)))
+    crafted = mrml_io.create_dwi_node(scene, "crafted", acquired.data, acquired.ijk_to_ras, acquired.bvalues,
+                                      acquired.world_gradients() @ flip_y.T)
+    logic = real_logic(scene, tmp_path)
+    verdicts, errors = [], []
+    for node in (dwi, crafted):
+        run = logic.check_gradients(node, on_done=verdicts.append, on_error=errors.append)
+        wait_for(run, verdicts, errors, timeout=300)
+    given, flipped = verdicts
+    assert given["given_is_best"] and not flipped["given_is_best"] and flipped["margin"] > 0
+    assert "flip" in results_lib.gradient_check_text(flipped) and not list((tmp_path / "temp").iterdir())
+    before = mrml_io.dwi_arrays(crafted).world_gradients()
+    copy = logic.corrected_copy(crafted, flipped["world_matrix"])
+    fixed = mrml_io.dwi_arrays(copy).world_gradients()
+    truth = acquired.world_gradients()
+    assert np.allclose(fixed, truth, atol=1e-5) or np.allclose(fixed, -truth, atol=1e-5)
+    np.testing.assert_array_equal(mrml_io.dwi_arrays(crafted).world_gradients(), before)
+    np.testing.assert_array_equal(array(copy), array(crafted))
+    assert not logic.is_output(copy) and copy in logic.acquired_dwis()
+
+
+def test_synthesis_at_acquired_directions_gives_a_dwi_node_on_the_grid(app_scene, sample_dir, tmp_path,
+                                                                      tiny_weights):
+    scene = app_scene
+    dwi = sample_node(scene, sample_dir)
+    request = tmp_path / "request"
+    request.mkdir()
+    bvals = np.loadtxt(sample_dir / "dwi.bval")[1:4]
+    np.savetxt(request / "new.bval", bvals[None], fmt="%g")
+    np.savetxt(request / "new.bvec", np.loadtxt(sample_dir / "dwi.bvec")[:, 1:4], fmt="%.6f")
+    logic = real_logic(scene, tmp_path)
+    done, errors, fractions = [], [], []
+    run = logic.synthesize(dwi, request / "new.bval", request / "new.bvec", tmp_path / "out", weights=tiny_weights,
+                           device="cpu", on_done=done.append, on_error=errors.append,
+                           on_progress=lambda f, m: fractions.append(f))
+    node = wait_for(run, done, errors)
+    assert node.GetNumberOfGradients() == 4  # a b0 first, then the three requested volumes
+    np.testing.assert_allclose(mrml_io.dwi_arrays(node).bvalues, np.r_[0, bvals])
+    np.testing.assert_allclose(mrml_io.ijk_to_ras(node), mrml_io.ijk_to_ras(dwi), atol=1e-4)
+    assert mrml_io.dimensions(node) == mrml_io.dimensions(dwi)
+    np.testing.assert_allclose(np.abs(mrml_io.dwi_arrays(node).world_gradients()[1:]),
+                               np.abs(mrml_io.dwi_arrays(dwi).world_gradients()[1:4]), atol=1e-4)
+    assert logic.is_output(node) and node not in logic.acquired_dwis()
+    assert len(fractions) > 3 and fractions == sorted(fractions)
+
+
+def test_synthesis_without_a_request_file_names_it(app_scene, sample_dir, tmp_path, tiny_weights):
+    logic = real_logic(app_scene, tmp_path)
+    with pytest.raises(process.RequestError, match="b-vector file not found"):
+        logic.synthesize(sample_node(app_scene, sample_dir), sample_dir / "dwi.bval", tmp_path / "none.bvec",
+                         tmp_path / "out", weights=tiny_weights)
+    assert not list((tmp_path / "temp").iterdir())
+
+
+@pytest.mark.slow
+def test_drift_report_of_three_nodes_with_sessions_from_the_hierarchy(app_scene, sample_dir, tmp_path, tiny_weights):
+    """Two nodes in one study folder (one session) and one on its own: the CSV rows, sessions and ratios come back
+    as a table node and the overall ratios; K = 2 draws each with the tiny model."""
+    scene = app_scene
+    acquired = mrml_io.dwi_arrays(sample_node(scene, sample_dir))
+    rng = np.random.default_rng(0)
+    nodes = [mrml_io.create_dwi_node(scene, f"scan {i}", acquired.data * rng.uniform(0.8, 1.2, acquired.data.shape),
+                                     acquired.ijk_to_ras, acquired.bvalues, acquired.world_gradients())
+             for i in range(3)]
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateFolderItem(sh.GetSceneItemID(), "study A")
+    for node in nodes[:2]:
+        sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(sh.GetSceneItemID(), node), study)
+    logic = real_logic(scene, tmp_path)
+    assert logic.session_name(nodes[0]) == logic.session_name(nodes[1]) != logic.session_name(nodes[2])
+    done, errors = [], []
+    run = logic.drift(nodes, tmp_path / "out", weights=tiny_weights, draws=2, device="cpu", on_done=done.append,
+                      on_error=errors.append)
+    report = wait_for(run, done, errors, timeout=900)
+    columns = mrml_io.table_columns(report.table)
+    assert report.figure.is_file() and report.csv.is_file() and logic.is_output(report.table)
+    assert {"DRoPE", "signal histogram"} <= set(report.overall)
+    assert report.overall["DRoPE"]["ratio_session"] is not None  # two scans share a session
+    assert set(columns["representation"]) == set(report.overall)
+    with pytest.raises(process.RequestError, match="two DWIs"):
+        logic.drift(nodes[:1], tmp_path / "out", weights=tiny_weights)

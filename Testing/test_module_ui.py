@@ -208,7 +208,8 @@ class W(NS):
         self.style = style
 
 widget = M.DRoPEModuleWidget.__new__(M.DRoPEModuleWidget)
-widget.ui = NS(applyButton=W(), cancelButton=W(), statusLabel=W(), progressBar=W())
+widget.ui = NS(applyButton=W(), cancelButton=W(), statusLabel=W(), progressBar=W(), checkGradientsButton=W(),
+               synthesizeButton=W(), driftButton=W(), gradientCheckLabel=W(), correctedCopyButton=W())
 widget.logic = NS(run=None)
 params = NS(inputVolume=None, weightsPath=Path("."), device="auto", maskRatio=0.75, volumes=0, probePath="",
             outputRoot=Path(sys.argv[1]).parent, draws=1)
@@ -217,7 +218,9 @@ states = []
 def snapshot():
     widget._checkCanApply()
     states.append({"apply": widget.ui.applyButton.enabled, "tip": widget.ui.applyButton.toolTip,
-                   "cancel": widget.ui.cancelButton.enabled})
+                   "cancel": widget.ui.cancelButton.enabled,
+                   "analyses": [widget.ui.checkGradientsButton.enabled, widget.ui.synthesizeButton.enabled,
+                                widget.ui.driftButton.enabled]})
 snapshot()                                   # nothing chosen
 params.inputVolume = vtkMRMLDiffusionWeightedVolumeNode()
 params.weightsPath = Path(sys.argv[1])       # an existing weights file
@@ -240,6 +243,11 @@ widget._onError("ValueError: input has no b0 volume")
 result["error"] = [widget.ui.statusLabel.text, widget.ui.statusLabel.style]
 widget._onError("the engine stopped")
 result["error_with_log"] = widget.ui.statusLabel.text
+checks = []
+for given_is_best in (True, False):
+    widget._onGradientCheck("node", {"given_is_best": given_is_best, "best": {"fix": "flip y"}, "message": "m"})
+    checks.append([widget.ui.gradientCheckLabel.text, widget.ui.correctedCopyButton.enabled, widget._gradientCheck[0]])
+result["gradient_checks"] = checks
 print(json.dumps(result))
 '''
 
@@ -327,6 +335,14 @@ def test_apply_button_state_and_tooltip(module_probe):
     assert not bad_probe["apply"] and "Probe file not found" in bad_probe["tip"]
     assert not bad_draws["apply"] and "Uncertainty draws" in bad_draws["tip"]
     assert not running["apply"] and running["cancel"]
+    assert nothing["analyses"] == [True] * 3 and running["analyses"] == [False] * 3  # one engine run at a time
+
+
+def test_gradient_check_verdict_enables_the_corrected_copy_only_for_a_fix(module_probe):
+    (best_text, best_copy, node), (fix_text, fix_copy, _) = module_probe["gradient_checks"]
+    assert best_text == "m" and node == "node"
+    assert fix_text.startswith("m\n") and "flip y" in fix_text and "corrected copy" in fix_text
+    assert (best_copy, fix_copy) == (False, True)
 
 
 def test_worker_errors_and_progress_shown_in_the_panel(module_probe):

@@ -108,7 +108,7 @@ def test_library_weights_and_sample_ship_with_the_extension(configured):
     build, _ = configured
     listed = manifest(build)
     library = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "DRoPE").rglob("*.py")
-               if "__pycache__" not in p.parts}
+               if "__pycache__" not in p.parts} | {"DRoPETrain/probe.py"}  # the module's drift report runs it
     assert listed[("DRoPELibrary", "SCRIPTS")] == library
     resources = listed[("DRoPELibrary", "RESOURCES")]
     sample = {f"Resources/Sample/{name}" for name in ("dwi.nrrd", "dwi.nii.gz", "dwi.bval", "dwi.bvec", "LICENSE")}
@@ -126,16 +126,17 @@ def test_installed_layout_lets_the_module_find_library_and_resources(configured,
     installed = prefix / QT_SCRIPTED
     for relative in ("DRoPEModule.py", "DRoPEModuleLib/process.py", "Resources/UI/DRoPEModule.ui",
                      "Resources/Icons/DRoPEModule.png", "Resources/requirements.txt", "DRoPE/__init__.py",
-                     "DRoPE/__main__.py", "Resources/Sample/dwi.nrrd"):
+                     "DRoPE/__main__.py", "Resources/Sample/dwi.nrrd", "DRoPETrain/probe.py"):
         assert (installed / relative).is_file(), relative
     # what DRoPEModuleLib.paths resolves in the installed tree (run from there, not from the checkout)
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from DRoPEModuleLib import paths; "
               "print(json.dumps([str(paths.MODULE_DIR), str(paths.library_root()), str(paths.sample_dwi_nrrd()), "
-              "str(paths.requirements_file())]))")
+              "str(paths.requirements_file()), str(paths.probe_script())]))")
     done = subprocess.run([sys.executable, "-c", script, str(installed)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    module_dir, library_root, sample, requirements = json.loads(done.stdout)
+    module_dir, library_root, sample, requirements, probe = json.loads(done.stdout)
+    assert Path(probe) == installed / "DRoPETrain" / "probe.py"
     assert Path(module_dir) == installed and Path(library_root) == installed
     assert Path(sample) == installed / "Resources" / "Sample" / "dwi.nrrd"
     assert Path(requirements) == installed / "Resources" / "requirements.txt"

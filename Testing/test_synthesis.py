@@ -192,8 +192,13 @@ def test_cli_prepends_a_b0_and_flags_a_new_shell(crops, tmp_path, capsys):
     bval, bvec = _write_table(tmp_path / "req", [1500, 3000], [[0.6, 0.0, 0.8], [0.0, 1.0, 0.0]])
     out = tmp_path / "out"
     assert cli_main(["synthesize", str(source), "--bvals", str(bval), "--bvecs", str(bvec), "--out", str(out),
-                     "--device", "cpu"]) == 0
-    assert "b=3000 was not acquired" in capsys.readouterr().err
+                     "--device", "cpu", "--progress", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "b=3000 was not acquired" in captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]  # the Slicer module's protocol
+    fractions = [e["fraction"] for e in events[:-1]]
+    assert {e["event"] for e in events[:-1]} == {"progress"} and fractions == sorted(fractions) and len(fractions) > 3
+    assert events[-1] == {"event": "done", "out": str(out)}
     assert np.loadtxt(out / "synthesized.bval").tolist() == [0, 1500, 3000]
     assert nib.load(out / "synthesized.nii.gz").shape == nib.load(source).shape[:3] + (3,)
     summary = json.loads((out / "summary.json").read_text())

@@ -120,13 +120,18 @@ def drift_rows(latents: dict[str, np.ndarray], sessions: dict[str, str]) -> list
         between = distance[other].mean() if other else np.nan
         rows.append({"scan": s, "session": sessions[s], "draws": k, "within": within, "draws_to_full": to_full,
                      "session_other_scans": session, "between_brains": between,
-                     "ratio_within": within / between, "ratio_session": session / between})
+                     "ratio_within": _ratio(within, between), "ratio_session": _ratio(session, between)})
     means = {key: float(np.nanmean([r[key] for r in rows])) for key in
              ("within", "draws_to_full", "session_other_scans", "between_brains")}
     rows.append({"scan": "overall", "session": "", "draws": rows[0]["draws"] if rows else 0, **means,
-                 "ratio_within": means["within"] / means["between_brains"],
-                 "ratio_session": means["session_other_scans"] / means["between_brains"]})
+                 "ratio_within": _ratio(means["within"], means["between_brains"]),
+                 "ratio_session": _ratio(means["session_other_scans"], means["between_brains"])})
     return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0 (identical scans listed in two sessions) or NaN."""
+    return float(a) / float(b) if b > 0 else np.nan
 
 
 def session_of(path, subject: str, given: dict[str, str] | None = None) -> str:

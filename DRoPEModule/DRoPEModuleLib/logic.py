@@ -1,4 +1,4 @@
-"""The module's Logic: run the engine on a DWI node and put its results into the scene. No GUI.
+"""The module's Logic: run the engine on DWI nodes and put its results into the scene. No GUI.
 
 Runs inside Slicer and on ``slicer-core`` alike (scene and temporary folder are given)::
 
@@ -8,16 +8,24 @@ Runs inside Slicer and on ``slicer-core`` alike (scene and temporary folder are 
 
 Each run's nodes go into one subject-hierarchy folder ("DRoPE <n>") next to the input (under its study), named
 "<input> DRoPE <n> <map>"; ``replace=True`` removes the input's earlier runs first.
+
+The analyses run the same way, one engine run at a time: ``check_gradients`` (the b-vector check's verdict; then
+``corrected_copy`` makes a new DWI node with the fix, the input is never changed), ``synthesize`` (a new DWI node at
+requested b-values / directions) and ``drift`` (protocol-drift report of several DWI nodes: a table node, figure).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import mrml_io, paths, process, results as results_lib, views
 
@@ -29,20 +37,33 @@ OUTPUT_ATTRIBUTE = "DRoPE.Output"  # on every node a run adds: its run number
 ATTENTION_OPACITY = 0.6  # low attention is transparent (mrml_io.ATTENTION_THRESHOLD), so the rest can be opaque
 
 
+@dataclass
+class DriftReport:
+    """A finished protocol-drift run: ``table`` (node of the CSV rows), ``figure`` (PNG path), ``overall``
+    ({representation: {"ratio_within", "ratio_session"}}), ``csv`` (path)."""
+
+    table: object
+    figure: Path
+    overall: dict
+    csv: Path
+
+
 class DRoPELogic:
-    """Export a DWI node, run the engine on it in a child process, load and show the results.
+    """Export DWI nodes, run the engine on them in a child process, load and show the results.
 
     Args:
         scene: the MRML scene.
-        temp_dir: folder for the exported input (removed after the run).
+        temp_dir: folder for the exported inputs (removed after the run).
         engine_prefix: command that starts the engine CLI; default ``PythonSlicer -m DRoPE``.
+        probe_prefix: command that starts ``DRoPETrain/probe.py`` (drift); default ``PythonSlicer <its path>``.
         env: environment of the engine; default ``process.engine_environment`` with the DRoPE library first.
     """
 
-    def __init__(self, scene, temp_dir, engine_prefix: list[str] | None = None, env: dict | None = None):
+    def __init__(self, scene, temp_dir, engine_prefix: list[str] | None = None,
+                 probe_prefix: list[str] | None = None, env: dict | None = None):
         self.scene = scene
         self.temp_dir = Path(temp_dir)
-        self._engine_prefix = engine_prefix
+        self._prefixes = {"cli": engine_prefix, "probe": probe_prefix}
         self._env = env
         self.run: process.EngineProcess | None = None
 
@@ -60,10 +81,9 @@ class DRoPELogic:
                 if not self.is_output(node)]
 
     @staticmethod
-    def new_output_dir(output_root, input_node) -> Path:
-        """A new folder for one run: ``<output_root>/<input name>-<date-time>[-k]``."""
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", input_node.GetName() or "dwi")
-        base = Path(output_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    def new_output_dir(output_root, name: str) -> Path:
+        """A new folder for one run: ``<output_root>/<name>-<date-time>[-k]`` (``name`` made file-safe)."""
+        base = Path(output_root) / f"{file_safe(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
         out, k = base, 1
         while out.exists():
             k += 1
@@ -80,13 +100,98 @@ class DRoPELogic:
         loaded into the scene (``results_lib.ReconstructionResults``), ``on_error(message)``, ``on_cancel()``.
         Raises RequestError (invalid parameters), EngineNotFoundError, OSError or ValueError (export failed).
         """
+        out_dir = self.new_output_dir(output_root, self._input_name(input_node))
+
+        def request(export_dir):
+            return process.ReconstructionRequest(
+                mrml_io.export_dwi(input_node, export_dir), out_dir, Path(weights) if weights else None, device,
+                float(mask_ratio), int(volumes), None if seed is None else int(seed), Path(probe) if probe else None,
+                int(draws))
+
+        return self._launch(request, lambda result: self.load_results(out_dir, input_node, replace=replace),
+                            on_progress, on_done, on_error, on_cancel)
+
+    def check_gradients(self, input_node, *, on_progress=None, on_done=None, on_error=None, on_cancel=None):
+        """Run the gradient-table check on ``input_node``; ``on_done(result)`` gets the engine's JSON verdict
+        (``given_is_best``, ``best`` {permutation, flip, fix}, ``margin``, ``message``, ``world_matrix``, ...)."""
+        self._input_name(input_node)
+        return self._launch(lambda export_dir: process.GradientCheckRequest(mrml_io.export_dwi(input_node, export_dir)),
+                            lambda result: result["result"], on_progress, on_done, on_error, on_cancel)
+
+    def corrected_copy(self, input_node, world_matrix):
+        """A new DWI node beside ``input_node`` with its gradients fixed: world direction g -> ``world_matrix`` @ g
+        (the check's ``world_matrix``). The input node is not changed."""
+        arrays = mrml_io.dwi_arrays(input_node)
+        fixed = arrays.world_gradients() @ np.asarray(world_matrix, dtype=np.float64).T
+        node = mrml_io.create_dwi_node(self.scene, f"{input_node.GetName()} (gradients fixed)", arrays.data,
+                                       arrays.ijk_to_ras, arrays.bvalues, fixed)
+        sh = self.scene.GetSubjectHierarchyNode()
+        sh.SetItemParent(subject_hierarchy_item(sh, node), sh.GetItemParent(subject_hierarchy_item(sh, input_node)))
+        return node
+
+    def synthesize(self, input_node, bvals, bvecs, output_root, *, weights, device="auto", on_progress=None,
+                   on_done=None, on_error=None, on_cancel=None):
+        """Predict volumes at the b-values / directions of the FSL files ``bvals`` / ``bvecs`` (image frame of the
+        input, as its own .bvec) from every volume of ``input_node``; ``on_done(node)`` gets the new DWI node."""
+        out_dir = self.new_output_dir(output_root, f"{self._input_name(input_node)}-synthesis")
+
+        def request(export_dir):
+            return process.SynthesisRequest(mrml_io.export_dwi(input_node, export_dir), paths.optional_path(bvals),
+                                            paths.optional_path(bvecs), out_dir, Path(weights) if weights else None,
+                                            device)
+
+        return self._launch(request, lambda result: self.load_synthesis(out_dir, input_node), on_progress, on_done,
+                            on_error, on_cancel)
+
+    def drift(self, nodes, output_root, *, weights, draws=5, device="auto", on_progress=None, on_done=None,
+              on_error=None, on_cancel=None):
+        """Protocol-drift report of the DWI ``nodes`` (two at least): ``on_done(DriftReport)``.
+
+        Sessions come from the subject hierarchy: nodes under the same parent item (a study or folder) are one
+        session (the same brain, e.g. re-acquired with another slice geometry); a node directly under the scene is a
+        session of its own.
+        """
+        if len(nodes) < 2 or None in nodes:
+            raise process.RequestError("Select two DWIs or more for the drift report.")
+        out_csv = self.new_output_dir(output_root, "drift") / "drift.csv"
+
+        def request(export_dir):
+            files = [mrml_io.export_dwi(node, export_dir, f"scan{i}_{file_safe(node.GetName())}")
+                     for i, node in enumerate(nodes)]
+            listing, sessions = export_dir / "dwis.txt", export_dir / "sessions.csv"
+            listing.write_text("".join(f"{path}\n" for path in files), encoding="utf-8")
+            with open(sessions, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["subject_id", "session"])
+                writer.writerows([str(path), self.session_name(node)] for path, node in zip(files, nodes))
+            return process.DriftRequest(listing, sessions, out_csv, Path(weights) if weights else None, int(draws),
+                                        device)
+
+        return self._launch(request, lambda result: self.load_drift(out_csv, result), on_progress, on_done,
+                            on_error, on_cancel)
+
+    def session_name(self, node) -> str:
+        """The node's session for ``drift``: its subject-hierarchy parent (not the scene), else the node itself."""
+        sh = self.scene.GetSubjectHierarchyNode()
+        parent = sh.GetItemParent(subject_hierarchy_item(sh, node))
+        if parent and parent != sh.GetSceneItemID():
+            return f"{sh.GetItemName(parent)} [{parent}]"
+        return node.GetID()
+
+    @staticmethod
+    def _input_name(input_node) -> str:
         if input_node is None:
             raise process.RequestError("Select an input DWI.")
+        return input_node.GetName()
+
+    def _launch(self, make_request, load, on_progress, on_done, on_error, on_cancel) -> process.EngineProcess:
+        """Export into a temporary folder (``make_request(folder)`` returns the request), start the engine and
+        return the run. When it is done, ``load(result)`` (the ``done`` event's fields) turns the outputs into what
+        ``on_done`` receives; an exception there is reported through ``on_error``. The folder is removed at the end."""
         if self.run is not None and self.run.running:
             raise RuntimeError("A DRoPE run is already in progress.")
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         export_dir = Path(tempfile.mkdtemp(prefix="DRoPE-input-", dir=self.temp_dir))
-        out_dir = self.new_output_dir(output_root, input_node)
 
         def finish(callback):
             def call(*args):
@@ -97,32 +202,35 @@ class DRoPELogic:
 
         def loaded(_out):
             try:
-                results = self.load_results(out_dir, input_node, replace=replace)
+                value = load(run.result)
             except Exception as error:  # reported like an engine error; details go to the log
                 logger.exception("Loading the DRoPE results failed")
                 if on_error:
                     on_error(f"Loading the results failed: {error}")
                 return
             if on_done:
-                on_done(results)
+                on_done(value)
 
         try:
-            request = process.ReconstructionRequest(
-                mrml_io.export_dwi(input_node, export_dir), out_dir, Path(weights) if weights else None, device,
-                float(mask_ratio), int(volumes), None if seed is None else int(seed),
-                Path(probe) if probe else None, int(draws))
-            prefix = self._engine_prefix or process.engine_prefix(process.engine_python())
-            env = self._env or process.engine_environment(paths.ensure_library_importable())
-            self.run = process.EngineProcess(
-                process.build_command(request, prefix=prefix), on_progress=on_progress, on_done=finish(loaded),
-                on_error=finish(on_error), on_cancel=finish(on_cancel) if on_cancel else None, on_log=logger.info,
-                env=env)
-            logger.info("DRoPE: %s", " ".join(self.run.command))
-            self.run.start()
+            request = make_request(export_dir)
+            run = process.EngineProcess(
+                process.build_command(request, self._prefix(request.program)), on_progress=on_progress,
+                on_done=finish(loaded), on_error=finish(on_error), on_cancel=finish(on_cancel) if on_cancel else None,
+                on_log=logger.info, env=self._env or process.engine_environment(paths.ensure_library_importable()))
+            logger.info("DRoPE: %s", " ".join(run.command))
+            run.start()
         except Exception:
             shutil.rmtree(export_dir, ignore_errors=True)
             raise
-        return self.run
+        self.run = run
+        return run
+
+    def _prefix(self, program: str) -> list[str]:
+        given = self._prefixes[program]
+        if given:
+            return given
+        python = process.engine_python()
+        return process.engine_prefix(python) if program == "cli" else process.probe_prefix(python, paths.probe_script())
 
     def cancel(self) -> None:
         """Ask a running engine to stop (returns at once; the run reports 'cancelled')."""
@@ -187,6 +295,31 @@ class DRoPELogic:
             add_to_run(sh, node, folder)
         return results
 
+    def load_synthesis(self, out_dir, input_node):
+        """The synthesised DWI of ``out_dir`` as a new node in a "DRoPE synthesis" folder beside ``input_node``."""
+        out_dir = Path(out_dir)
+        node = mrml_io.load_nifti_dwi(self.scene, out_dir / "synthesized.nii.gz",
+                                      out_dir / "synthesized.bval", out_dir / "synthesized.bvec",
+                                      name=f"{input_node.GetName()} synthesized")
+        self._add_to_new_folder(node, input_node, f"DRoPE synthesis: {input_node.GetName()}")
+        mrml_io.set_slice_layers(self.scene, background=node)
+        return node
+
+    def load_drift(self, out_csv, result: dict) -> DriftReport:
+        """The drift CSV as a table node (in a "DRoPE drift" folder) and the figure beside it."""
+        out_csv = Path(out_csv)
+        table = mrml_io.load_table_csv(self.scene, out_csv, "DRoPE drift")
+        self._add_to_new_folder(table, None, "DRoPE drift")
+        return DriftReport(table, out_csv.with_suffix(".png"), result.get("overall", {}), out_csv)
+
+    def _add_to_new_folder(self, node, beside, name: str) -> None:
+        """Mark ``node`` as a DRoPE output and put it in a new folder (beside ``beside``'s item, else at the top)."""
+        sh = self.scene.GetSubjectHierarchyNode()
+        parent = sh.GetItemParent(subject_hierarchy_item(sh, beside)) if beside is not None else sh.GetSceneItemID()
+        folder = sh.CreateFolderItem(parent, name)
+        sh.SetItemAttribute(folder, RUN_ATTRIBUTE, "0")
+        add_to_run(sh, node, folder)
+
     def show(self, results, volume: int | None = None, anatomy=None) -> None:
         """The DRoPE layout with every map of ``results`` (see ``views``), diffusion volume ``volume`` (default:
         the first diffusion-weighted one) and ``anatomy`` (default FA) under the attention overlay."""
@@ -234,6 +367,11 @@ class DRoPELogic:
         views.set_view(self.scene, "DRoPEReconstruction", reconstruction)
         views.set_view(self.scene, "DRoPEError", results.volume_error)
         views.set_view(self.scene, "DRoPEStd", results.volume_std)
+
+
+def file_safe(name: str) -> str:
+    """``name`` with every run of characters other than letters, digits, '_', '.', '-' made one '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "dwi")
 
 
 def subject_hierarchy_item(sh, node) -> int:

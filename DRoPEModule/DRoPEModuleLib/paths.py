@@ -6,6 +6,7 @@ The same relative layout holds in the two places the module runs from:
 
       qt-scripted-modules/DRoPEModule.py, DRoPEModuleLib/, Resources/UI/DRoPEModule.ui
       qt-scripted-modules/DRoPE/                 (the library, installed by the top-level CMakeLists.txt)
+      qt-scripted-modules/DRoPETrain/probe.py    (the drift report's command, installed with the library)
       qt-scripted-modules/Resources/model/       (bundled weights)
       qt-scripted-modules/Resources/Sample/      (self-test DWI)
 
@@ -26,6 +27,7 @@ LIBRARY_PACKAGE = "DRoPE"
 WEIGHTS_RELATIVE = Path("Resources", "model", "model.safetensors")
 SAMPLE_NRRD_RELATIVE = Path("Resources", "Sample", "dwi.nrrd")
 REQUIREMENTS_RELATIVE = Path("Resources", "requirements.txt")
+PROBE_SCRIPT_RELATIVE = Path("DRoPETrain", "probe.py")
 
 
 def candidate_roots(module_dir: Path = MODULE_DIR) -> list[Path]:
@@ -53,6 +55,15 @@ def sample_dwi_nrrd(module_dir: Path = MODULE_DIR) -> Path | None:
     return find_resource(SAMPLE_NRRD_RELATIVE, module_dir)
 
 
+def probe_script(module_dir: Path = MODULE_DIR) -> Path:
+    """``DRoPETrain/probe.py`` (the drift report's command), shipped beside the library; RuntimeError if missing."""
+    found = find_resource(PROBE_SCRIPT_RELATIVE, module_dir)
+    if found is None:
+        raise RuntimeError(f"{PROBE_SCRIPT_RELATIVE} was not found next to {module_dir} or in {module_dir.parent}; "
+                           "reinstall the DRoPE extension")
+    return found
+
+
 def requirements_file(module_dir: Path = MODULE_DIR) -> Path:
     """``Resources/requirements.txt`` of the module (always inside the module's own Resources)."""
     return module_dir / REQUIREMENTS_RELATIVE
@@ -73,6 +84,11 @@ def fsl_sidecars(image: Path | str) -> tuple[Path | None, Path | None]:
         return next((p for p in (stem.with_name(name + s) for s in suffixes) if p.is_file()), None)
 
     return first((".bval", ".bvals")), first((".bvec", ".bvecs"))
+
+
+def bvec_beside(bval: Path | str) -> Path | None:
+    """The FSL b-vector file with the stem of ``bval`` ('x.bval' -> 'x.bvec' or 'x.bvecs'), or None."""
+    return next((p for p in (Path(bval).with_suffix(s) for s in (".bvec", ".bvecs")) if p.is_file()), None)
 
 
 def optional_path(value) -> Path | None:

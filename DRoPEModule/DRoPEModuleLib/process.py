@@ -1,11 +1,15 @@
 """Run the headless engine (``python -m DRoPE reconstruct ... --progress json``) as a child process.
 
+Four requests, each one engine command: ``ReconstructionRequest`` (``reconstruct``), ``GradientCheckRequest``
+(``check-gradients``), ``SynthesisRequest`` (``synthesize``) and ``DriftRequest`` (``DRoPETrain/probe.py drift``).
+
 The GUI never blocks: ``EngineProcess.start`` launches the process, reader threads queue its output lines, and
 ``poll`` (called by the widget's ``qt.QTimer``, or in a loop by ``wait``) hands them to plain callbacks in the
 caller's thread; it never waits for the child::
 
     request = ReconstructionRequest(Path("dwi.nrrd"), Path("out"), weights=Path("model.safetensors"))
-    run = EngineProcess(build_command(request, engine_python()), on_progress=bar, on_done=load, on_error=show)
+    run = EngineProcess(build_command(request, engine_prefix(engine_python())), on_progress=bar, on_done=load,
+                        on_error=show)
     run.start()
     timer.timeout.connect(run.poll)   # run.poll() returns False once finished; run.cancel() stops it
 
@@ -13,7 +17,8 @@ caller's thread; it never waits for the child::
 started in a new process group (POSIX session; Windows process group) and ``cancel``/``kill`` stop the whole tree.
 
 Protocol (stdout, one JSON object per line): ``{"event": "progress", "fraction": 0.4, "message": "..."}``,
-``{"event": "done", "out": DIR}``, ``{"event": "error", "message": "..."}``. Other lines are logged only.
+``{"event": "done", "out": DIR, ...}`` (further fields: the command's result, e.g. ``"result"`` of the gradient
+check), ``{"event": "error", "message": "..."}``. Other lines are logged only.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 DEVICES = ("auto", "cpu", "cuda")
+MIN_DRIFT_DRAWS = 2
 KILL_AFTER_S = 2.0  # after cancel(), the process tree is killed if it has not stopped within this time
 ENGINE_LAUNCHER = "PythonSlicer"
 
@@ -80,8 +86,27 @@ def check_inputs(*, has_input: bool, weights: Path | None, device: str = "auto",
     return problems
 
 
+class _Request:
+    """An engine command: ``problems()`` lists what is wrong, ``validate()`` raises, ``arguments()`` is the command
+    line after the program; ``program`` says which ('cli': ``-m DRoPE``, 'probe': ``DRoPETrain/probe.py``)."""
+
+    program = "cli"
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise RequestError(" ".join(problems))
+
+
+def _missing_files(**files) -> list[str]:
+    return [f"{label} not found: {path}" for label, path in files.items() if path is None or not Path(path).is_file()]
+
+
 @dataclass(frozen=True)
-class ReconstructionRequest:
+class ReconstructionRequest(_Request):
     """Parameters of one ``DRoPE reconstruct`` run.
 
     Attributes:
@@ -108,18 +133,81 @@ class ReconstructionRequest:
     draws: int = 1
 
     def problems(self) -> list[str]:
-        problems = check_inputs(has_input=True, weights=self.weights, device=self.device,
-                                mask_ratio=self.mask_ratio, volumes=self.volumes, probe=self.probe,
-                                out_dir=self.out_dir, draws=self.draws)
-        if not Path(self.input_path).is_file():
-            problems.insert(0, f"Input DWI file not found: {self.input_path}")
-        return problems
+        return _missing_files(**{"Input DWI file": self.input_path}) + check_inputs(
+            has_input=True, weights=self.weights, device=self.device, mask_ratio=self.mask_ratio, volumes=self.volumes,
+            probe=self.probe, out_dir=self.out_dir, draws=self.draws)
 
-    def validate(self) -> None:
-        """Raise RequestError listing every problem."""
-        problems = self.problems()
-        if problems:
-            raise RequestError(" ".join(problems))
+    def arguments(self) -> list[str]:
+        """The engine command's arguments (after ``<python> -m DRoPE``)."""
+        arguments = ["reconstruct", str(self.input_path), "--out", str(self.out_dir), "--weights", str(self.weights),
+                     "--device", self.device, "--mask-ratio", repr(float(self.mask_ratio))]
+        if self.volumes:
+            arguments += ["--volumes", str(int(self.volumes))]
+        if self.seed is not None:
+            arguments += ["--seed", str(int(self.seed))]
+        if self.probe is not None:
+            arguments += ["--probe", str(self.probe)]
+        if self.draws > 1:
+            arguments += ["--draws", str(int(self.draws))]
+        return arguments
+
+
+@dataclass(frozen=True)
+class GradientCheckRequest(_Request):
+    """``DRoPE check-gradients``: are the b-vector signs and axis order consistent with the data?"""
+
+    input_path: Path
+
+    def problems(self) -> list[str]:
+        return _missing_files(**{"Input DWI file": self.input_path})
+
+    def arguments(self) -> list[str]:
+        return ["check-gradients", str(self.input_path)]
+
+
+@dataclass(frozen=True)
+class SynthesisRequest(_Request):
+    """``DRoPE synthesize``: volumes at the b-values / directions of ``bvals`` / ``bvecs`` (FSL files, image frame)."""
+
+    input_path: Path
+    bvals: Path | None
+    bvecs: Path | None
+    out_dir: Path
+    weights: Path | None
+    device: str = "auto"
+
+    def problems(self) -> list[str]:
+        problems = _missing_files(**{"Input DWI file": self.input_path, "b-value file": self.bvals,
+                                     "b-vector file": self.bvecs})
+        return problems + check_inputs(has_input=True, weights=self.weights, device=self.device, out_dir=self.out_dir)
+
+    def arguments(self) -> list[str]:
+        return ["synthesize", str(self.input_path), "--bvals", str(self.bvals), "--bvecs", str(self.bvecs),
+                "--out", str(self.out_dir), "--weights", str(self.weights), "--device", self.device]
+
+
+@dataclass(frozen=True)
+class DriftRequest(_Request):
+    """``probe.py drift``: latent spread under ``draws`` random protocol draws per scan against between-scan
+    distances. ``data``: text list of DWI files; ``sessions``: CSV (subject_id = file path, session)."""
+
+    data: Path
+    sessions: Path
+    out_csv: Path
+    weights: Path | None
+    draws: int = 5
+    device: str = "auto"
+    program = "probe"
+
+    def problems(self) -> list[str]:
+        problems = _missing_files(**{"DWI list": self.data, "Sessions file": self.sessions})
+        if not isinstance(self.draws, int) or self.draws < MIN_DRIFT_DRAWS:
+            problems.append(f"Protocol draws must be {MIN_DRIFT_DRAWS} or more, not {self.draws}.")
+        return problems + check_inputs(has_input=True, weights=self.weights, device=self.device)
+
+    def arguments(self) -> list[str]:
+        return ["drift", "--checkpoint", str(self.weights), "--data", str(self.data), "--sessions", str(self.sessions),
+                "--draws", str(int(self.draws)), "--out", str(self.out_csv), "--device", self.device]
 
 
 def engine_python(which=shutil.which) -> str:
@@ -140,24 +228,16 @@ def engine_prefix(python: str) -> list[str]:
     return [python, "-m", "DRoPE"]
 
 
-def build_command(request: ReconstructionRequest, python: str | None = None,
-                  prefix: list[str] | None = None) -> list[str]:
-    """Validate ``request`` and return the engine's argument list (``prefix`` replaces ``<python> -m DRoPE``)."""
+def probe_prefix(python: str, script: Path) -> list[str]:
+    """The command that starts the probe script: ``<python> <script>`` (``DRoPETrain/probe.py``)."""
+    return [python, str(script)]
+
+
+def build_command(request, prefix: list[str]) -> list[str]:
+    """Validate ``request`` and return ``prefix`` (``engine_prefix``, or ``probe_prefix`` for a DriftRequest) +
+    the request's arguments + JSON progress."""
     request.validate()
-    command = list(prefix or engine_prefix(python or engine_python()))
-    command += ["reconstruct", str(request.input_path), "--out", str(request.out_dir),
-                "--weights", str(request.weights), "--device", request.device,
-                "--mask-ratio", repr(float(request.mask_ratio))]
-    if request.volumes:
-        command += ["--volumes", str(int(request.volumes))]
-    if request.seed is not None:
-        command += ["--seed", str(int(request.seed))]
-    if request.probe is not None:
-        command += ["--probe", str(request.probe)]
-    if request.draws > 1:
-        command += ["--draws", str(int(request.draws))]
-    command += ["--progress", "json"]
-    return command
+    return [*prefix, *request.arguments(), "--progress", "json"]
 
 
 def engine_environment(library_root: Path | None, base: dict | None = None) -> dict:
@@ -185,6 +265,7 @@ class ProgressEvent:
     fraction: float | None = None
     message: str = ""
     out: str | None = None
+    payload: dict | None = None  # 'done': every field of the event
 
 
 def parse_progress_line(line: str) -> ProgressEvent | None:
@@ -208,7 +289,7 @@ def parse_progress_line(line: str) -> ProgressEvent | None:
         return ProgressEvent("progress", min(1.0, max(0.0, float(fraction))), message)
     if kind == "done":
         out = payload.get("out")
-        return ProgressEvent("done", 1.0, message, None if out is None else str(out))
+        return ProgressEvent("done", 1.0, message, None if out is None else str(out), payload)
     if kind == "error":
         return ProgressEvent("error", None, message or "the engine reported an error")
     return None
@@ -232,7 +313,8 @@ class EngineProcess:
 
     Exactly one of ``on_done(out_dir)``, ``on_error(message)`` or ``on_cancel()`` is called, once, when the run ends.
     ``on_progress(fraction, message)`` follows the progress lines; ``on_log(line)`` gets every other output line.
-    Without ``on_cancel``, a cancelled run reports ``on_error("Cancelled.")``. ``log_tail`` keeps the last lines.
+    Without ``on_cancel``, a cancelled run reports ``on_error("Cancelled.")``. ``log_tail`` keeps the last lines;
+    ``result`` the fields of the ``done`` event.
     """
 
     def __init__(self, command: list[str], *, on_progress: Callable[[float, str], None] | None = None,
@@ -249,6 +331,7 @@ class EngineProcess:
         self._stderr_tail: deque = deque(maxlen=50)
         self.log_tail: deque = deque(maxlen=200)
         self._done_out: str | None = None
+        self.result: dict = {}
         self._error: str | None = None
         self._cancel_time: float | None = None
         self._exit_time: float | None = None
@@ -338,6 +421,7 @@ class EngineProcess:
                 self._on_progress(event.fraction, event.message)
         elif event.kind == "done":
             self._done_out = event.out or ""
+            self.result = event.payload
         elif event.kind == "error" and self._error is None:
             self._error = event.message
 

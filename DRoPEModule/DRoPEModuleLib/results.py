@@ -253,3 +253,20 @@ def prediction_summary(prediction: dict | None) -> str:
             text = str(value)
         lines.append(f"{key}: {text}")
     return "\n".join(lines)
+
+
+def gradient_check_text(result: dict) -> str:
+    """The gradient check's verdict for the panel: the engine's one-line message, then the fix to apply."""
+    text = str(result.get("message", ""))
+    if not result.get("given_is_best", True):
+        text += f"\nSuggested fix (image frame): {result['best']['fix']}. 'Make corrected copy' applies it to a copy."
+    return text
+
+
+def drift_lines(overall: dict) -> list[str]:
+    """Per representation: the within-scan (protocol draws) and same-session distances over between-brain ones."""
+    def ratio(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    return [f"{name}: protocol change / other brains {ratio(r.get('ratio_within'))}, same session / other brains "
+            f"{ratio(r.get('ratio_session'))}" for name, r in overall.items()]
