@@ -280,6 +280,11 @@ def _fmt_mem(r: dict) -> str:
     return ("<=" if r.get("upper_bound") else "") + f"{r['peak_bytes'] / 2**30:.3f}"
 
 
+def _error_case(case: Case) -> Case:
+    """The case itself where naive can run on it, else 2 of its sequences."""
+    return case if case.naive else dataclasses.replace(case, sequences=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m DRoPE.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -384,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fwd, fb = (row[m]["time_s"] / base[m]["time_s"] for m in MODES)
         mem = row["fwdbwd"]["peak_bytes"] / max(base["fwdbwd"]["peak_bytes"], 1)
-        case = next(c for c in cases if c.name == name)
-        err = max_relative_error(case if case.naive else dataclasses.replace(case, sequences=2), device)
+        err = max_relative_error(_error_case(next(c for c in cases if c.name == name)), device)
         print(
             f"{device:6s} {name:8s} drope/sdpa_rope: time fwd x{fwd:.2f}, f+b x{fb:.2f}; memory f+b x{mem:.2f}; "
             f"max_rel_err {err:.1e}"
@@ -398,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if d and s and "error" not in d["fwdbwd"] and "error" not in s["fwdbwd"]:
         time_ratio = d["fwdbwd"]["time_s"] / s["fwdbwd"]["time_s"]
         mem_ratio = d["fwdbwd"]["peak_bytes"] / max(s["fwdbwd"]["peak_bytes"], 1)
-        err = max_relative_error(first)
+        err = max_relative_error(_error_case(first))
         print(f"drope/sdpa_rope time_ratio={time_ratio:.2f} mem_ratio={mem_ratio:.2f} max_rel_err={err:.2e}")
     return 0
 

@@ -344,34 +344,97 @@ def kernel_lib():
     return lib
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Names of the kernel entry points called (``attention`` = the fused path, ``scores`` = the score kernel)."""
+    calls = []
+    for name in ("attention", "scores"):
+        real = getattr(kernel_mod, name)
+        monkeypatch.setattr(kernel_mod, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+def _check_against_naive(q, k, v, d, tol, **kwargs):
+    """Output (and weights) and q/k/v gradients of drope_attention(**kwargs) against the naive twin."""
+    out = drope_attention(q, k, v, d, **kwargs)
+    ref = drope_attention_naive(q, k, v, d, mask=kwargs.get("mask"), need_weights=kwargs.get("need_weights", False))
+    if kwargs.get("need_weights"):
+        (out, w), (ref, w_ref) = out, ref
+        assert rel_err(w, w_ref) < tol
+    assert out.shape == ref.shape and rel_err(out, ref) < tol
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, (q, k, v), grad_out)):
+        assert rel_err(g, g_ref) < tol
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_edges_match_naive(kernel_lib, threads):
-    """Partial lane blocks (M = 3 x 7 = 21 rows), T past a register block and a cache tile (T = 67, not a multiple
-    of 4 or 64), E = 2, a non-symmetric distance, and work split over threads: outputs and gradients exact."""
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_fused_attention_matches_naive(kernel_lib, kernel_calls, threads, dtype, tol):
+    """The fused path (no mask, no weights): partial lane blocks (M = 21, 37 rows), T past a register block and a
+    cache tile (T = 67, not a multiple of 4 or 64) and below them (T = 5), E = 2, values of another width than q,
+    several protocols (distance (B, 1, T, T)), a non-symmetric distance, work split over threads: output and
+    q/k/v gradients exact; the chunked path (kernel=False) agrees too."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(11)
-    for T, E in ((67, 2), (5, 10)):
-        q, k, v = (torch.randn(7, 3, T, E, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        d = 3 * torch.rand(T, T, generator=gen, dtype=torch.float64)
-        out = drope_attention(q, k, v, d)
-        ref = drope_attention_naive(q, k, v, d)
-        assert rel_err(out, ref) < 1e-12
-        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        for g, g_ref in zip(grads, torch.autograd.grad(ref, (q, k, v), grad_out)):
-            assert rel_err(g, g_ref) < 1e-12
+    # q's leading dims up to H, distance's leading dims, T, E, Ev, G = protocols = kernel calls
+    shapes = (((7, 3), (), 67, 2, 2, 1), ((7, 3), (), 5, 10, 6, 1), ((2, 37, 1), (2, 1), 9, 8, 8, 2))
+    for lead, d_lead, T, E, Ev, G in shapes:
+        q, k = (torch.randn(*lead, T, E, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2))
+        v = torch.randn(*lead, T, Ev, generator=gen, dtype=dtype, requires_grad=True)
+        d = 3 * torch.rand(*d_lead, T, T, generator=gen, dtype=dtype)
+        for kernel in (True, False):
+            kernel_calls.clear()
+            _check_against_naive(q, k, v, d, tol, kernel=kernel)
+            assert kernel_calls == ["attention"] * (G if kernel else 0)
 
 
-def test_cpu_uses_the_kernel_unless_told_not_to(kernel_lib, monkeypatch):
-    calls = []
-    real = kernel_mod.scores
-    monkeypatch.setattr(kernel_mod, "scores", lambda *a: calls.append(1) or real(*a))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("masked,need_weights", [(True, False), (False, True), (True, True)])
+def test_kernel_fallback_with_mask_or_weights(kernel_lib, kernel_calls, dtype, tol, masked, need_weights):
+    """A mask or attention maps take the score kernel + softmax in torch (not the fused path); still exact."""
+    gen = torch.Generator().manual_seed(13)
+    B, P, H, T, E = 2, 9, 3, 67, 6
+    q, k, v = (torch.randn(B, P, H, T, E, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
+    d = 3 * torch.rand(B, 1, T, T, generator=gen, dtype=dtype)
+    mask = None
+    if masked:
+        mask = (torch.rand(B, P, 1, T, T, generator=gen) > 0.3) | torch.eye(T, dtype=torch.bool)
+    _check_against_naive(q, k, v, d, tol, mask=mask, need_weights=need_weights)
+    assert set(kernel_calls) == {"scores"}
+
+
+def test_fused_attention_saves_no_t2_tensor(kernel_lib, kernel_calls):
+    """What the fused path keeps for backward is q, k, v, the row logsumexp and the (T, T, N) cos / sin tables:
+    no tensor of (M, T, T) elements, unlike the score path (mask / weights), which keeps the probabilities."""
+    S, H, T, E = 40, 2, 24, 8
+
+    def saved(**kwargs):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        q, k, v = (torch.randn(S, H, T, E, requires_grad=True) for _ in range(3))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            drope_attention(q, k, v, torch.rand(T, T), **kwargs)
+        return sizes
+
+    fused = saved()
+    assert kernel_calls == ["attention"]
+    assert max(fused) < S * H * T * T
+    assert sum(fused) == 3 * S * H * T * E + S * H * T + 2 * T * T * E // 2
+    assert max(saved(need_weights=True)) >= S * H * T * T  # the check can fail: the score path keeps them
+
+
+def test_cpu_uses_the_kernel_unless_told_not_to(kernel_lib, kernel_calls):
     q = torch.randn(2, 2, 5, 4)
     drope_attention(q, q, q, torch.rand(5, 5))
-    assert calls
-    calls.clear()
+    assert kernel_calls == ["attention"]
+    kernel_calls.clear()
     drope_attention(q, q, q, torch.rand(5, 5), kernel=False)
-    assert not calls
+    assert not kernel_calls
 
 
 def test_no_compiler_falls_back_once(monkeypatch, tmp_path, caplog):

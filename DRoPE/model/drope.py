@@ -22,15 +22,19 @@ with q~_n = q_2n + i q_2n+1 (the pairs read as complex numbers). The same rotati
 are not rotated.
 
 Speed and memory. Materialising rotated keys for every query (..., H, T, T, E) is what the public code does; it
-needs gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly, keeping only q, k and
-the (..., H, T, T) scores / probabilities for the backward pass, as plain attention does. The (T, T, N) cos / sin
-tables depend only on the protocol and are shared by all its sequences and heads (building them costs O(T^2 N),
-against O(sequences T^2 E) for the attention). Two paths, same results:
+needs gigabytes at pretraining shapes. ``drope_attention`` computes the same scores exactly without them. The
+(T, T, N) cos / sin tables depend only on the protocol and are shared by all its sequences and heads (building them
+costs O(T^2 N), against O(sequences T^2 E) for the attention). Two paths, same results:
 
 - CPU with a C compiler (``drope_kernel``): fused loops that never form a rotated key,
   s_ij = sum_n C_ijn (q_i,2n k_j,2n + q_i,2n+1 k_j,2n+1) + S_ijn (q_i,2n+1 k_j,2n - q_i,2n k_j,2n+1), with the
-  sequences as the vectorised axis so each table entry serves a vector of sequences; the backward pass
-  (dq = dS . R k, dk = dS^T . R^T q) is fused the same way. Compiled once per machine and cached.
+  sequences as the vectorised axis so each table entry serves a vector of sequences. Without a mask and without
+  attention maps the whole attention is one kernel per block of 16 sequences (``_KernelAttention``): scores,
+  softmax and P v in per-thread scratch, keeping only q, k, v and the row logsumexp for the backward pass, which
+  recomputes the probabilities block by block (as flash attention does): nothing of size (..., H, T, T) is stored,
+  so it needs less memory than plain SDPA. With a mask or ``need_weights`` the kernel computes the scores
+  (..., H, T, T) and torch the softmax (``_KernelScores`` + ``_SoftmaxValues``, which keep the probabilities); the
+  backward (dq = dS . R k, dk = dS^T . R^T q) is fused the same way. Compiled once per machine and cached.
 - otherwise (CUDA, no compiler, ``kernel=False``): the rotated keys R(a_ij) k_j of one block of sequences or
   query rows, about CHUNK_BYTES, are formed in one reused buffer, contracted with the queries by batched
   (1 x E) @ (E x T) products and overwritten by the next block; the backward recomputes them block by block.
@@ -168,6 +172,7 @@ def drope_attention(
     with ``drope_attention_naive`` to rounding. fp16/bf16 inputs are computed in float32 and cast back.
     With distance == 0 everywhere it equals plain scaled-dot-product attention.
     kernel: on CPU, use the fused compiled kernels when they can be built (False: the chunked path; module docstring).
+        Without mask and weights they run the whole attention and keep nothing of size (..., H, T, T).
     """
     lead = _check(q, k, v, distance, mask)
     H, T, E = q.shape[-3:]
@@ -176,22 +181,57 @@ def drope_attention(
     n = len(lead)
 
     lib = drope_kernel.load() if kernel and q.device.type == "cpu" else None
+    inverse = [order.index(i) for i in range(n)]
 
-    def to_core(x):  # (..., H, T, E) -> (G, M, T, E): protocols outside, then sequences x heads
-        return x.permute(*order, n, n + 1, n + 2).reshape(G, M, T, E).to(work).contiguous()
+    def to_core(x):  # (..., H, T, F) -> (G, M, T, F): protocols outside, then sequences x heads
+        return x.permute(*order, n, n + 1, n + 2).reshape(G, M, T, x.shape[-1]).to(work).contiguous()
+
+    def from_core(x):  # (G, M, Ti, F) -> (..., H, Ti, F)
+        return x.reshape(*[lead[i] for i in order], H, T, x.shape[-1]).permute(*inverse, n, n + 1, n + 2)
 
     with torch.autocast(q.device.type, enabled=False):  # the core runs in float32/float64 whatever the context
         angle = drope_angles(dist.to(device=q.device, dtype=work), E, base)  # (G, Ti, Tj, N)
+        scale = 1.0 / math.sqrt(E)
+        if lib is not None and mask is None and not need_weights:
+            out = _KernelAttention.apply(to_core(q), to_core(k), to_core(v), angle.cos(), angle.sin(), scale, lib)
+            return from_core(out).to(q.dtype)
         if lib is not None:
-            scores = _KernelScores.apply(to_core(q), to_core(k), angle.cos(), angle.sin(), 1.0 / math.sqrt(E), lib)
+            scores = _KernelScores.apply(to_core(q), to_core(k), angle.cos(), angle.sin(), scale, lib)
         else:
             table = torch.polar(torch.ones_like(angle), angle)
-            scores = _DRoPEScores.apply(to_core(q), to_core(k), table, 1.0 / math.sqrt(E))  # (G, M, Ti, Tj)
-        scores = scores.reshape(*[lead[i] for i in order], H, T, T)
-        inverse = [order.index(i) for i in range(n)]
-        scores = scores.permute(*inverse, n, n + 1, n + 2)  # (..., H, Ti, Tj)
-        out, weights = _SoftmaxValues.apply(scores, v.to(work), mask)
+            scores = _DRoPEScores.apply(to_core(q), to_core(k), table, scale)  # (G, M, Ti, Tj)
+        out, weights = _SoftmaxValues.apply(from_core(scores), v.to(work), mask)
     return (out.to(q.dtype), weights.to(q.dtype)) if need_weights else out.to(q.dtype)
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The whole attention softmax(s) v by the fused CPU kernels (``drope_kernel.attention``), no mask.
+
+    q, k: (G, M, T, E), v: (G, M, T, Ev) contiguous; cos, sin: (G, Ti, Tj, N); scale: float; lib: the kernel library.
+    Returns out (G, M, T, Ev). Saves q, k, v, the row logsumexp (G, M, T) and the tables: no (M, T, T) array is kept
+    (the backward recomputes the probabilities block by block, as flash attention does).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, scale, lib):
+        out = v.new_empty(v.shape)
+        lse = q.new_empty(q.shape[:-1])
+        for g in range(q.shape[0]):
+            drope_kernel.attention(lib, q[g], k[g], v[g], cos[g], sin[g], scale, out[g], lse[g])
+        ctx.save_for_backward(q, k, v, lse, cos, sin)
+        ctx.scale, ctx.lib = scale, lib
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, lse, cos, sin = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for g in range(q.shape[0]):
+            drope_kernel.attention_backward(
+                ctx.lib, q[g], k[g], v[g], lse[g], grad_out[g], cos[g], sin[g], ctx.scale, dq[g], dk[g], dv[g]
+            )
+        return dq, dk, dv, None, None, None, None
 
 
 class _SoftmaxValues(torch.autograd.Function):
@@ -264,17 +304,10 @@ class _KernelScores(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, cos, sin = ctx.saved_tensors
         grad = grad.contiguous()
-        result = []
-        for index, other in ((0, k), (1, q)):  # dq = dS . R k, then dk = dS^T . R^T q
-            if not ctx.needs_input_grad[index]:
-                result.append(None)
-                continue
-            d = torch.empty_like(q)
-            for g in range(q.shape[0]):
-                pair = (None, d[g]) if index else (d[g], None)
-                drope_kernel.grads(ctx.lib, other[g], cos[g], sin[g], grad[g], ctx.scale, *pair)
-            result.append(d)
-        return *result, None, None, None, None
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        for g in range(q.shape[0]):  # dq = dS . R k and dk = dS^T . R^T q in one pass
+            drope_kernel.grads(ctx.lib, q[g], k[g], cos[g], sin[g], grad[g], ctx.scale, dq[g], dk[g])
+        return dq, dk, None, None, None, None
 
 
 class _DRoPEScores(torch.autograd.Function):
