@@ -389,10 +389,49 @@ def test_fused_attention_matches_naive(kernel_lib, kernel_calls, threads, dtype,
             assert kernel_calls == ["attention"] * (G if kernel else 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-@pytest.mark.parametrize("masked,need_weights", [(True, False), (False, True), (True, True)])
-def test_kernel_fallback_with_mask_or_weights(kernel_lib, kernel_calls, dtype, tol, masked, need_weights):
-    """A mask or attention maps take the score kernel + softmax in torch (not the fused path); still exact."""
+def test_fused_attention_with_masks_matches_naive(kernel_lib, kernel_calls, threads, dtype, tol):
+    """Masks run in the fused kernel: one mask shared by the heads (B, P, 1, T, T) as the model's diffusion mask
+    (key padding | self) with H = 3 so that lane blocks of 16 sequences straddle mask rows, a mask per head, a
+    key-padding mask (..., 1, 1, T) broadcast over heads and query rows, and one (T, T) for every sequence."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(13)
+    B, P, H, T, E = 2, 9, 3, 67, 6
+    q, k, v = (torch.randn(B, P, H, T, E, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
+    d = 3 * torch.rand(B, 1, T, T, generator=gen, dtype=dtype)
+    eye = torch.eye(T, dtype=torch.bool)
+    masks = (
+        (torch.rand(B, P, 1, 1, T, generator=gen) > 0.5) | eye,
+        (torch.rand(B, P, H, T, T, generator=gen) > 0.3) | eye,
+        (torch.rand(B, P, 1, 1, T, generator=gen) > 0.5).index_fill(-1, torch.tensor([0]), True),
+        (torch.rand(T, T, generator=gen) > 0.6) | eye,
+    )
+    for mask in masks:
+        kernel_calls.clear()
+        _check_against_naive(q, k, v, d, tol, mask=mask)
+        assert kernel_calls == ["attention"] * B
+
+
+def test_masked_keys_get_exactly_zero_weight(kernel_lib, kernel_calls):
+    """A masked key contributes nothing at all, however large its value (not e^-87 of it)."""
+    gen = torch.Generator().manual_seed(14)
+    S, H, T, E = 20, 2, 8, 4
+    q, k, v = (torch.randn(S, H, T, E, generator=gen) for _ in range(3))
+    d = torch.rand(T, T, generator=gen)
+    mask = torch.ones(S, 1, 1, T, dtype=torch.bool)
+    mask[..., 5] = False
+    ref = drope_attention_naive(q, k, v, d, mask=mask)
+    v[..., 5, :] = 1e35
+    out = drope_attention(q, k, v, d, mask=mask)
+    assert kernel_calls == ["attention"]
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_maps_take_the_score_kernel(kernel_lib, kernel_calls, dtype, tol, masked):
+    """Attention maps (need_weights) take the score kernel + softmax in torch (not the fused path); still exact."""
     gen = torch.Generator().manual_seed(13)
     B, P, H, T, E = 2, 9, 3, 67, 6
     q, k, v = (torch.randn(B, P, H, T, E, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -400,7 +439,7 @@ def test_kernel_fallback_with_mask_or_weights(kernel_lib, kernel_calls, dtype, t
     mask = None
     if masked:
         mask = (torch.rand(B, P, 1, T, T, generator=gen) > 0.3) | torch.eye(T, dtype=torch.bool)
-    _check_against_naive(q, k, v, d, tol, mask=mask, need_weights=need_weights)
+    _check_against_naive(q, k, v, d, tol, mask=mask, need_weights=True)
     assert set(kernel_calls) == {"scores"}
 
 

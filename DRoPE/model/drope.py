@@ -28,13 +28,14 @@ costs O(T^2 N), against O(sequences T^2 E) for the attention). Two paths, same r
 
 - CPU with a C compiler (``drope_kernel``): fused loops that never form a rotated key,
   s_ij = sum_n C_ijn (q_i,2n k_j,2n + q_i,2n+1 k_j,2n+1) + S_ijn (q_i,2n+1 k_j,2n - q_i,2n k_j,2n+1), with the
-  sequences as the vectorised axis so each table entry serves a vector of sequences. Without a mask and without
-  attention maps the whole attention is one kernel per block of 16 sequences (``_KernelAttention``): scores,
-  softmax and P v in per-thread scratch, keeping only q, k, v and the row logsumexp for the backward pass, which
-  recomputes the probabilities block by block (as flash attention does): nothing of size (..., H, T, T) is stored,
-  so it needs less memory than plain SDPA. With a mask or ``need_weights`` the kernel computes the scores
-  (..., H, T, T) and torch the softmax (``_KernelScores`` + ``_SoftmaxValues``, which keep the probabilities); the
-  backward (dq = dS . R k, dk = dS^T . R^T q) is fused the same way. Compiled once per machine and cached.
+  sequences as the vectorised axis so each table entry serves a vector of sequences. Without attention maps the
+  whole attention, mask included, is one kernel per block of 16 sequences (``_KernelAttention``): scores, mask,
+  softmax and P v in per-thread scratch, keeping only q, k, v, the row logsumexp and the mask as bytes (one copy
+  per sequence, not per head) for the backward pass, which recomputes the probabilities block by block (as flash
+  attention does): no float array of size (..., H, T, T) is stored, so it needs less memory than plain SDPA.
+  With ``need_weights`` the kernel computes the scores (..., H, T, T) and torch the softmax (``_KernelScores`` +
+  ``_SoftmaxValues``, which keep the probabilities); the backward (dq = dS . R k, dk = dS^T . R^T q) is fused the
+  same way. Compiled once per machine and cached.
 - otherwise (CUDA, no compiler, ``kernel=False``): the rotated keys R(a_ij) k_j of one block of sequences or
   query rows, about CHUNK_BYTES, are formed in one reused buffer, contracted with the queries by batched
   (1 x E) @ (E x T) products and overwritten by the next block; the backward recomputes them block by block.
@@ -172,7 +173,7 @@ def drope_attention(
     with ``drope_attention_naive`` to rounding. fp16/bf16 inputs are computed in float32 and cast back.
     With distance == 0 everywhere it equals plain scaled-dot-product attention.
     kernel: on CPU, use the fused compiled kernels when they can be built (False: the chunked path; module docstring).
-        Without mask and weights they run the whole attention and keep nothing of size (..., H, T, T).
+        Without weights they run the whole attention and keep no float array of size (..., H, T, T).
     """
     lead = _check(q, k, v, distance, mask)
     H, T, E = q.shape[-3:]
@@ -192,8 +193,11 @@ def drope_attention(
     with torch.autocast(q.device.type, enabled=False):  # the core runs in float32/float64 whatever the context
         angle = drope_angles(dist.to(device=q.device, dtype=work), E, base)  # (G, Ti, Tj, N)
         scale = 1.0 / math.sqrt(E)
-        if lib is not None and mask is None and not need_weights:
-            out = _KernelAttention.apply(to_core(q), to_core(k), to_core(v), angle.cos(), angle.sin(), scale, lib)
+        if lib is not None and not need_weights:
+            core_mask = None if mask is None else _core_mask(mask, lead, order, H, G)
+            out = _KernelAttention.apply(
+                to_core(q), to_core(k), to_core(v), angle.cos(), angle.sin(), core_mask, scale, lib
+            )
             return from_core(out).to(q.dtype)
         if lib is not None:
             scores = _KernelScores.apply(to_core(q), to_core(k), angle.cos(), angle.sin(), scale, lib)
@@ -205,33 +209,49 @@ def drope_attention(
 
 
 class _KernelAttention(torch.autograd.Function):
-    """The whole attention softmax(s) v by the fused CPU kernels (``drope_kernel.attention``), no mask.
+    """The whole attention softmax(s) v by the fused CPU kernels (``drope_kernel.attention``).
 
-    q, k: (G, M, T, E), v: (G, M, T, Ev) contiguous; cos, sin: (G, Ti, Tj, N); scale: float; lib: the kernel library.
-    Returns out (G, M, T, Ev). Saves q, k, v, the row logsumexp (G, M, T) and the tables: no (M, T, T) array is kept
-    (the backward recomputes the probabilities block by block, as flash attention does).
+    q, k: (G, M, T, E), v: (G, M, T, Ev) contiguous; cos, sin: (G, Ti, Tj, N); mask: None or (G, Mm, Ti, Tj) uint8
+    (``_core_mask``; sequence m reads row m // (M / Mm)); scale: float; lib: the kernel library.
+    Returns out (G, M, T, Ev). Saves q, k, v, the row logsumexp (G, M, T), the tables and the byte mask: no float
+    (M, T, T) array is kept (the backward recomputes the probabilities block by block, as flash attention does).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cos, sin, scale, lib):
+    def forward(ctx, q, k, v, cos, sin, mask, scale, lib):
         out = v.new_empty(v.shape)
         lse = q.new_empty(q.shape[:-1])
         for g in range(q.shape[0]):
-            drope_kernel.attention(lib, q[g], k[g], v[g], cos[g], sin[g], scale, out[g], lse[g])
-        ctx.save_for_backward(q, k, v, lse, cos, sin)
+            drope_kernel.attention(lib, q[g], k[g], v[g], cos[g], sin[g], scale, out[g], lse[g], _row(mask, g))
+        ctx.save_for_backward(q, k, v, lse, cos, sin, mask)
         ctx.scale, ctx.lib = scale, lib
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, lse, cos, sin = ctx.saved_tensors
+        q, k, v, lse, cos, sin, mask = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for g in range(q.shape[0]):
             drope_kernel.attention_backward(
-                ctx.lib, q[g], k[g], v[g], lse[g], grad_out[g], cos[g], sin[g], ctx.scale, dq[g], dk[g], dv[g]
+                ctx.lib, q[g], k[g], v[g], lse[g], grad_out[g], cos[g], sin[g], ctx.scale, dq[g], dk[g], dv[g],
+                _row(mask, g),
             )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _row(mask, g: int):
+    return None if mask is None else mask[g]
+
+
+def _core_mask(mask: torch.Tensor, lead: tuple[int, ...], order: list[int], H: int, G: int) -> torch.Tensor:
+    """A bool mask broadcastable to (*lead, H, T, T) -> (G, Mm, T, T) uint8 in the core's sequence order, with
+    the heads kept only when the mask differs between them (then Mm = M, else Mm = M / H)."""
+    n, T = len(lead), mask.shape[-1]
+    mask = mask.reshape((1,) * (n + 3 - mask.dim()) + tuple(mask.shape))
+    Hm = mask.shape[n]
+    mask = mask.expand(*lead, Hm, T, T).permute(*order, n, n + 1, n + 2)
+    return mask.reshape(G, -1, T, T).to(torch.uint8).contiguous()
 
 
 class _SoftmaxValues(torch.autograd.Function):

@@ -91,10 +91,21 @@ static void from_lanes_##SUF(const R *restrict in, R *restrict x, long b, long r
     for (long l = 0; l < rows; l++)                                                                                    \
         for (long t = 0; t < n; t++) x[(b * L + l) * n + t] = scale * in[t * L + l];                                   \
 }                                                                                                                      \
+/* Masked scores to -inf: s (Ti, Tj, L) of block b; sequence m reads mask row m / hrep of mask (rows, Ti, Tj),         \
+   0 = may not attend. No mask (NULL): nothing to do. */                                                               \
+static void apply_mask_##SUF(const unsigned char *restrict mask, R *restrict s, long b, long rows, long hrep,          \
+                             long T) {                                                                                 \
+    if (!mask) return;                                                                                                 \
+    for (long l = 0; l < rows; l++) {                                                                                  \
+        const unsigned char *mr = mask + (b * L + l) / hrep * T * T;                                                   \
+        for (long t = 0; t < T * T; t++)                                                                               \
+            if (!mr[t]) s[t * L + l] = -INFINITY;                                                                      \
+    }                                                                                                                  \
+}                                                                                                                      \
                                                                                                                        \
 /* e^x per lane for x <= ~0: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Taylor polynomial of degree           \
    EXP_DEGREE (float 7, double 13: truncation below one rounding), times 2^n built in the exponent bits.               \
-   x below EXP_LO (where e^x leaves the normal range) is clamped there: e^x < 1e-37 (float) / 1e-307 (double). */      \
+   x below EXP_LO (where e^x leaves the normal range: < 1e-37 float, < 1e-307 double), -inf included, gives 0. */      \
 static inline V##SUF exp_##SUF(V##SUF x) {                                                                             \
     typedef V##SUF V;                                                                                                  \
     typedef VI##SUF VI;                                                                                                \
@@ -109,7 +120,7 @@ static inline V##SUF exp_##SUF(V##SUF x) {                                      
     V p = (V){} + c[EXP_DEGREE];                                                                                       \
     for (int d = EXP_DEGREE - 1; d >= 0; d--) p = p * r + c[d];                                                        \
     VI e = ((VI)t - (VI)((V){} + shifter) + BIAS) << MANT;                                                             \
-    return p * (V)e;                                                                                                   \
+    return (V)((VI)(p * (V)e) & ~low);                                                                                 \
 }                                                                                                                      \
                                                                                                                        \
 /* Scores of one block: s (Ti, Tj, L) = scale * q_i . R(a_ij) k_j from qb, kb (T, E, L); C, S (Ti, Tj, N).             \
@@ -223,6 +234,15 @@ static void block_grads_##SUF(const R *restrict qb, const R *restrict kb, const 
     }                                                                                                                  \
 }                                                                                                                      \
                                                                                                                        \
+/* block_grads, then dq, dk of the block's rows sequences scaled into place (M, T, E). */                              \
+static void block_grads_store_##SUF(const R *restrict qb, const R *restrict kb, const R *restrict C,                   \
+                                    const R *restrict S, const R *restrict g, R *restrict dqb, R *restrict dkb,        \
+                                    R *restrict work, R *dq, R *dk, long b, long rows, long T, long E, R scale) {      \
+    block_grads_##SUF(qb, kb, C, S, g, dqb, dkb, work, T, E);                                                          \
+    from_lanes_##SUF(dqb, dq, b, rows, T * E, scale);                                                                  \
+    from_lanes_##SUF(dkb, dk, b, rows, T * E, scale);                                                                  \
+}                                                                                                                      \
+                                                                                                                       \
 /* Lane matrix product out (rows, cols, L) = sum_k A(r, k) B(c, k), A(r, k) at A + (r ar + k) L, B(c, k) at            \
    B + (c bc + k) L. Tiles of KT summed indices x ct columns keep B's tile in L2 and A's IB x KT panel in L1;          \
    IB x CB output blocks accumulate in registers. */                                                                   \
@@ -279,18 +299,16 @@ int grads_##SUF(const R *q, const R *k, const R *C, const R *S, const R *g, R *d
         to_lanes_##SUF(q, qb, b, rows, T * E);                                                                         \
         to_lanes_##SUF(k, kb, b, rows, T * E);                                                                         \
         to_lanes_##SUF(g, gb, b, rows, T * T);                                                                         \
-        block_grads_##SUF(qb, kb, C, S, gb, dqb, dkb, work, T, E);                                                     \
-        from_lanes_##SUF(dqb, dq, b, rows, T * E, scale);                                                              \
-        from_lanes_##SUF(dkb, dk, b, rows, T * E, scale);                                                              \
+        block_grads_store_##SUF(qb, kb, C, S, gb, dqb, dkb, work, dq, dk, b, rows, T, E, scale);                       \
     }                                                                                                                  \
     free(qb);                                                                                                          \
     return 0;                                                                                                          \
 }                                                                                                                      \
                                                                                                                        \
 /* Fused attention forward: out (M, T, Ev) = softmax(s) v and lse (M, T) = logsumexp_j s_ij, with the scores s         \
-   of one block (Ti, Tj, L) in per-thread scratch only. */                                                             \
-int attention_##SUF(const R *q, const R *k, const R *v, const R *C, const R *S, R *out, R *lse, long M, long T,        \
-                    long E, long Ev, R scale, long b0, long b1) {                                                      \
+   of one block (Ti, Tj, L) in per-thread scratch only; masked pairs (apply_mask) get probability 0. */                \
+int attention_##SUF(const R *q, const R *k, const R *v, const R *C, const R *S, const unsigned char *mask, R *out,     \
+                    R *lse, long M, long T, long E, long Ev, long hrep, R scale, long b0, long b1) {                   \
     typedef V##SUF V;                                                                                                  \
     typedef VI##SUF VI;                                                                                                \
     R *qb = malloc(sizeof(R) * (2 * T * E + 2 * T * Ev + T * T) * L);                                                  \
@@ -303,6 +321,7 @@ int attention_##SUF(const R *q, const R *k, const R *v, const R *C, const R *S, 
         to_lanes_##SUF(v, ob, b, rows, T * Ev);                                                                        \
         lane_transpose_##SUF(ob, vt, T, Ev);  /* (Ev, T, L) */                                                         \
         block_scores_##SUF(qb, kb, C, S, p, T, E, scale);                                                              \
+        apply_mask_##SUF(mask, p, b, rows, hrep, T);                                                                   \
         for (long i = 0; i < T; i++) {  /* p_ij = exp(s_ij - lse_i) in place */                                        \
             V *row = (V *)(p + i * T * L), m = row[0], sum = {0};                                                      \
             for (long j = 1; j < T; j++) m = (V)(((VI)m & (m >= row[j])) | ((VI)row[j] & (m < row[j])));               \
@@ -321,9 +340,9 @@ int attention_##SUF(const R *q, const R *k, const R *v, const R *C, const R *S, 
 /* Fused attention backward from dout (M, T, Ev) and the forward's lse: recomputes p = exp(s - lse) of one block       \
    in scratch, then dv_j = sum_i p_ij dout_i, dp_ij = dout_i . v_j, ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') and     \
    from ds dq, dk as grads_ does. */                                                                                   \
-int attention_backward_##SUF(const R *q, const R *k, const R *v, const R *lse, const R *dout,                          \
-                             const R *C, const R *S, const R *Cg, const R *Sg, R *dq, R *dk, R *dv, long M, long T,    \
-                             long E, long Ev, R scale, long b0, long b1) {                                             \
+int attention_backward_##SUF(const R *q, const R *k, const R *v, const R *lse, const R *dout, const R *C,              \
+                             const R *S, const R *Cg, const R *Sg, const unsigned char *mask, R *dq, R *dk, R *dv,     \
+                             long M, long T, long E, long Ev, long hrep, R scale, long b0, long b1) {                  \
     typedef V##SUF V;                                                                                                  \
     R *qb = malloc(sizeof(R) * (4 * T * E + 4 * T * Ev + 2 * T * T + T + (IB + 2 * E) * JG) * L);                      \
     if (!qb) return 1;                                                                                                 \
@@ -339,6 +358,7 @@ int attention_backward_##SUF(const R *q, const R *k, const R *v, const R *lse, c
         lane_transpose_##SUF(gb, gt, T, Ev);  /* (Ev, T, L) */                                                         \
         to_lanes_##SUF(lse, lb, b, rows, T);                                                                           \
         block_scores_##SUF(qb, kb, C, S, p, T, E, scale);                                                              \
+        apply_mask_##SUF(mask, p, b, rows, hrep, T);                                                                   \
         for (long i = 0; i < T; i++) {  /* p_ij = exp(s_ij - lse_i), and its transpose into ds */                      \
             V *row = (V *)(p + i * T * L), li = *(V *)(lb + i * L);                                                    \
             for (long j = 0; j < T; j++) ((V *)ds)[j * T + i] = row[j] = exp_##SUF(row[j] - li);                       \
@@ -351,9 +371,7 @@ int attention_backward_##SUF(const R *q, const R *k, const R *v, const R *lse, c
             for (long j = 0; j < T; j++) dot += pi[j] * d[j];                                                          \
             for (long j = 0; j < T; j++) d[j] = pi[j] * (d[j] - dot);                                                  \
         }                                                                                                              \
-        block_grads_##SUF(qb, kb, Cg, Sg, ds, dqb, dkb, work, T, E);                                                   \
-        from_lanes_##SUF(dqb, dq, b, rows, T * E, scale);                                                              \
-        from_lanes_##SUF(dkb, dk, b, rows, T * E, scale);                                                              \
+        block_grads_store_##SUF(qb, kb, Cg, Sg, ds, dqb, dkb, work, dq, dk, b, rows, T, E, scale);                     \
     }                                                                                                                  \
     free(qb);                                                                                                          \
     return 0;                                                                                                          \
@@ -421,8 +439,8 @@ def _declare(lib) -> None:
         signatures = {
             "scores": [p] * 5 + [i, i, i, real, i, i],
             "grads": [p] * 7 + [i, i, i, real, i, i],
-            "attention": [p] * 7 + [i, i, i, i, real, i, i],
-            "attention_backward": [p] * 12 + [i, i, i, i, real, i, i],
+            "attention": [p] * 8 + [i, i, i, i, i, real, i, i],
+            "attention_backward": [p] * 13 + [i, i, i, i, i, real, i, i],
             "grad_table": [p, p, i, i],
         }
         for name, argtypes in signatures.items():
@@ -474,20 +492,40 @@ def grads(lib, q, k, cos, sin, g: torch.Tensor, scale: float, dq: torch.Tensor, 
     _run(fn, *ptrs, M, T, E, scale, blocks=-(-M // LANES))
 
 
-def attention(lib, q, k, v, cos, sin, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+def attention(lib, q, k, v, cos, sin, scale: float, out: torch.Tensor, lse: torch.Tensor, mask=None) -> None:
     """q, k (M, T, E), v (M, T, Ev) contiguous; cos, sin (Ti, Tj, N) -> out (M, T, Ev) = softmax(s) v and
-    lse (M, T) = logsumexp_j s_ij, with s the scaled scores (never stored)."""
+    lse (M, T) = logsumexp_j s_ij, with s the scaled scores (never stored).
+    mask: None, or (M / hrep, Ti, Tj) uint8 contiguous, 1 = may attend, read by sequence m at row m // hrep
+    (hrep = M / rows: e.g. the heads sharing one mask)."""
     M, T, E = q.shape
     fn = getattr(lib, f"attention_{_suffix(q)}")
-    ptrs = [t.data_ptr() for t in (q, k, v, cos, sin, out, lse)]
-    _run(fn, *ptrs, M, T, E, v.shape[-1], scale, blocks=-(-M // LANES))
+    ptrs = [t.data_ptr() for t in (q, k, v, cos, sin)] + [_mask_ptr(mask), out.data_ptr(), lse.data_ptr()]
+    _run(fn, *ptrs, M, T, E, v.shape[-1], _mask_repeat(mask, M), scale, blocks=-(-M // LANES))
 
 
-def attention_backward(lib, q, k, v, lse, dout, cos, sin, scale: float, dq, dk, dv) -> None:
-    """Gradients of ``attention``: from q, k, v, its lse and dout = dL/dout (all contiguous, shapes as there) fill
-    dq, dk (M, T, E) and dv (M, T, Ev)."""
+def attention_backward(lib, q, k, v, lse, dout, cos, sin, scale: float, dq, dk, dv, mask=None) -> None:
+    """Gradients of ``attention``: from q, k, v, its lse and dout = dL/dout (all contiguous, shapes as there) and
+    the forward's mask, fill dq, dk (M, T, E) and dv (M, T, Ev)."""
     M, T, E = q.shape
     fn = getattr(lib, f"attention_backward_{_suffix(q)}")
     tables = _gradient_tables(lib, cos, sin)  # held here while the kernel runs
-    ptrs = [t.data_ptr() for t in (q, k, v, lse, dout, cos, sin, *tables, dq, dk, dv)]
-    _run(fn, *ptrs, M, T, E, v.shape[-1], scale, blocks=-(-M // LANES))
+    ptrs = [t.data_ptr() for t in (q, k, v, lse, dout, cos, sin, *tables)] + [_mask_ptr(mask)]
+    ptrs += [t.data_ptr() for t in (dq, dk, dv)]
+    _run(fn, *ptrs, M, T, E, v.shape[-1], _mask_repeat(mask, M), scale, blocks=-(-M // LANES))
+
+
+def _mask_ptr(mask) -> int | None:
+    if mask is None:
+        return None
+    if mask.dtype != torch.uint8 or not mask.is_contiguous():
+        raise TypeError("the kernel mask must be contiguous uint8")
+    return mask.data_ptr()
+
+
+def _mask_repeat(mask, M: int) -> int:
+    """Sequences per mask row (hrep); 1 without a mask."""
+    if mask is None:
+        return 1
+    if M % mask.shape[0]:
+        raise ValueError(f"{M} sequences do not share {mask.shape[0]} mask rows evenly")
+    return M // mask.shape[0]
