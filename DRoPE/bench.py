@@ -1,7 +1,8 @@
 """Benchmark of D-RoPE attention (and, with --model, of the whole model). ``python -m DRoPE.bench [--quick] [--model]``
 
 Attention part: forward (inference, no autograd) and forward+backward time and peak memory of
-    drope      ``drope_attention`` (exact; on CPU the fused compiled kernels, else the chunked path),
+    drope      ``drope_attention`` (exact; on CPU the fused C kernels, on CUDA the torch.compile (Triton) path,
+               else the chunked path),
     sdpa_rope  F.scaled_dot_product_attention after standard 1-D RoPE on q and k (the floor: same shapes),
     naive      ``drope_attention_naive`` (materialises rotated keys; skipped where it cannot fit: its analytic
                size is printed instead),
@@ -16,10 +17,10 @@ made, the baseline is the current resident set size (/proc/self/statm); the peak
 the figure is the extra memory the run needed on top of its inputs. (Large blocks are mmap-ed by the allocator and
 returned on free, so RSS follows the live tensors.) If the run did not raise ru_maxrss above its earlier peak the
 figure is an upper bound and is marked "<=". CUDA: torch.cuda.max_memory_allocated over memory_allocated before the
-run, in-process. Times: the minimum over a few repetitions after that first run (one repetition for big cases).
-With one thread (the default) a CPU time is the process CPU time (time.process_time), which leaves out the time
-spent waiting for a core that other processes hold; with more threads it is wall-clock time. The CPU is shared,
-so compare ratios measured in the same run.
+run, in-process, after one warm-up call (which compiles). Times: the minimum over a few repetitions after that
+first run (one repetition for big cases). With one thread (the default) a CPU time is the process CPU time
+(time.process_time), which leaves out the time spent waiting for a core that other processes hold; with more
+threads it is wall-clock time. The CPU is shared, so compare ratios measured in the same run.
 
 Threads. The default is ONE intra-op CPU thread for every method. On a CPU shared with other busy processes,
 each multi-threaded (OpenMP) op can stall for milliseconds at its closing barrier while a core serves someone else;
@@ -157,7 +158,7 @@ def measure(case: Case, method: str, mode: str, device: str) -> dict:
 
     upper_bound = False
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        once()  # warm-up: CUDA context, kernel selection and the torch.compile of the D-RoPE path
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = clock()

@@ -503,13 +503,74 @@ def test_kernel_builds_into_the_cache(monkeypatch, tmp_path):
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no staging folder left
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the compiled path (CUDA and other accelerators), checked here with Inductor's CPU backend
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _core_inputs(G, M, T, E, dtype, gen):
+    q, k, v = (torch.randn(G, M, T, E, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
+    d = 3 * torch.rand(G, T, T, generator=gen, dtype=dtype)
+    angle = drope_mod.drope_angles(d, E, drope_mod.DEFAULT_BASE)
+    return q, k, v, d, angle.cos(), angle.sin()
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="Inductor's CPU backend needs C++")
+def test_compiled_table_attention_matches_naive():
+    """The function torch.compile turns into a Triton kernel on CUDA, compiled here for CPU: output and q/k/v
+    gradients equal the naive form for two protocols, a mask shared by H = 3 heads (M = 21 not a multiple of 16)
+    and, without recompiling for new sizes, another T and M unmasked."""
+    gen = torch.Generator().manual_seed(21)
+    fn = drope_mod.compiled_table_attention()
+    for G, M, T, E, masked in ((2, 21, 9, 8, True), (1, 12, 13, 6, False)):
+        q, k, v, d, cos, sin = _core_inputs(G, M, T, E, torch.float32, gen)
+        mask = None
+        if masked:
+            mask = (torch.rand(G, M // 3, T, T, generator=gen) > 0.4) | torch.eye(T, dtype=torch.bool)
+        out = fn(q, k, v, cos, sin, mask, 1 / math.sqrt(E))
+        naive_mask = None if mask is None else mask.repeat_interleave(3, dim=1)
+        ref = drope_attention_naive(q, k, v, d, mask=naive_mask)
+        assert rel_err(out, ref) < 1e-5
+        grad_out = torch.randn(out.shape, generator=gen)
+        for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out)):
+            assert rel_err(g, g_ref) < 1e-5
+
+
+def test_compiled_path_failure_falls_back_once(monkeypatch, caplog):
+    """When torch.compile cannot build the kernel (no Triton, an Inductor error), the chunked path runs and the
+    log says so once; later calls no longer try."""
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no triton"), None)
+
+    monkeypatch.setattr(drope_mod, "_compiled", {"fn": broken})
+    with caplog.at_level("WARNING", logger="DRoPE.model.drope"):
+        assert drope_mod._call_compiled(drope_mod.compiled_table_attention(), 1, 2) is None
+        assert drope_mod.compiled_table_attention() is None
+    assert calls == [1] and sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_cuda_matches_cpu(dtype, tol):
+    """On CUDA the compiled path runs (Triton via Inductor), masked and not, and matches the naive form on CPU."""
     gen = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(3, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    d = torch.rand(6, 6, generator=gen, dtype=torch.float64)
-    out = drope_attention(q.cuda(), k.cuda(), v.cuda(), d.cuda())
-    torch.testing.assert_close(out.cpu(), drope_attention_naive(q, k, v, d))
+    q, k, v = (torch.randn(3, 21, 3, 30, 8, generator=gen, dtype=dtype) for _ in range(3))
+    d = torch.rand(3, 1, 30, 30, generator=gen, dtype=dtype)
+    mask = (torch.rand(3, 21, 1, 30, 30, generator=gen) > 0.4) | torch.eye(30, dtype=torch.bool)
+    for m in (None, mask):
+        leaves = [t.cuda().requires_grad_() for t in (q, k, v)]
+        out = drope_attention(*leaves, d.cuda(), mask=None if m is None else m.cuda())
+        assert drope_mod.compiled_table_attention() is not None  # it compiled, no fallback
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = drope_attention_naive(*ref_leaves, d, mask=m)
+        assert rel_err(out.cpu(), ref) < tol
+        grad_out = torch.randn(out.shape, generator=gen, dtype=dtype)
+        grads = torch.autograd.grad(out, leaves, grad_out.cuda())
+        for g, g_ref in zip(grads, torch.autograd.grad(ref, ref_leaves, grad_out)):
+            assert rel_err(g.cpu(), g_ref) < tol
 
 
 def test_bench_quick_smoke(capsys):

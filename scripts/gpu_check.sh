@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 3-5 minutes on one CUDA GPU): the D-RoPE attention benchmark on CUDA (T = 15, 90,
-# 288 rows; D-RoPE against SDPA + 1-D RoPE) and a whole-brain 90-volume reconstruct on CUDA, with its time and peak
-# memory from summary.json. The 90-volume DWI is a noisy phantom (DRoPE.phantom: 2 b0 + 2 shells x 44 directions)
+# 288 rows; D-RoPE (the torch.compile path) against SDPA + 1-D RoPE), the CUDA tests, the bf16 autocast error, and a
+# whole-brain 90-volume reconstruct on CUDA, with its time and peak memory from summary.json. The 90-volume DWI is a noisy phantom (DRoPE.phantom: 2 b0 + 2 shells x 44 directions)
 # on the geometry and tensors of a real scan: the bundled sample (80x80x40, 3 mm), or the NIfTI DWI given as $2.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR] [SCAN.nii.gz]   (PYTHON=... picks an interpreter with CUDA torch)
 set -euo pipefail
@@ -26,6 +26,16 @@ mkdir -p "$out"
 
 echo "== attention benchmark on CUDA"
 timeout 240 "$py" -m DRoPE.bench --device cuda --cases a_T15,b_T90,c_T288 | tee "$out/bench_cuda.txt"
+
+echo "== CUDA tests of the D-RoPE paths (compiled path vs the naive form, float32 and float64)"
+if "$py" -c "import pytest" 2>/dev/null; then
+    timeout 180 "$py" -m pytest -q -p no:cacheprovider Testing/test_drope.py -k cuda | tee "$out/cuda_tests.txt"
+else
+    echo "pytest missing for $py: skipped" | tee "$out/cuda_tests.txt"
+fi
+
+echo "== bf16 autocast error on CUDA"
+timeout 120 "$py" scripts/bf16_error.py --device cuda | tee "$out/bf16_cuda.txt"
 
 echo "== 90-volume whole-brain reconstruct on CUDA (phantom of $scan)"
 "$py" - "$scan" "$out/dwi90.nii.gz" <<'EOF'

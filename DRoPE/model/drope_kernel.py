@@ -16,14 +16,14 @@ compiles to one FMA.
 
 Two entry points:
 
-- ``attention`` / ``attention_backward``: the whole attention, out = softmax(s) v, fused per lane block. The forward
-  keeps one block's scores (Ti, Tj, LANES) in per-thread scratch, takes the softmax there (a vectorised exp) and
-  returns only out (M, T, Ev) and the row logsumexp lse (M, T). The backward recomputes p = exp(s - lse) block by
-  block and forms dv, ds = p (dp - rowsum(p dp)) with dp = dout . v, and dq, dk from it in scratch: nothing of size
-  M T^2 exists.
-- ``scores`` / ``grads``: the scores s (M, Ti, Tj) and, from g = dL/ds (M, Ti, Tj), dq and dk (for masks and
-  attention maps, where the caller takes the softmax itself). Same block loops, with s / g copied to and from the
-  lane layout.
+- ``attention`` / ``attention_backward``: the whole attention, out = softmax(s) v, fused per lane block, with an
+  optional byte mask (one (T, T) row per group of hrep sequences, e.g. the heads of one sequence; a masked pair
+  gets probability exactly 0). The forward keeps one block's scores (Ti, Tj, LANES) in per-thread scratch, takes
+  the softmax there (a vectorised exp) and returns only out (M, T, Ev) and the row logsumexp lse (M, T). The
+  backward recomputes p = exp(s - lse) block by block and forms dv, ds = p (dp - rowsum(p dp)) with dp = dout . v,
+  and dq, dk from it in scratch: no float array of size M T^2 exists.
+- ``scores`` / ``grads``: the scores s (M, Ti, Tj) and, from g = dL/ds (M, Ti, Tj), dq and dk (for attention maps,
+  where the caller takes the softmax itself). Same block loops, with s / g copied to and from the lane layout.
 
 ``load()`` compiles the source into a cache folder ($DROPE_CACHE, else $XDG_CACHE_HOME/drope, else
 ~/.cache/drope) the first time and returns the loaded library, or None when there is no working compiler (the
