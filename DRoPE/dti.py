@@ -15,11 +15,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .gradients import B0_THRESHOLD, DWIError, GradientTable
+from .parallel import thread_map
 
 log = logging.getLogger(__name__)
 
 FIT_METHODS = ("WLS", "OLS", "NLLS")
-VOXELS_PER_CHUNK = 20_000  # mask voxels fitted per DIPY call (bounds memory; one progress-bar step)
+VOXELS_PER_CHUNK = 10_000  # mask voxels fitted per DIPY call (bounds memory; one progress-bar step; one thread)
 PROGRESS_DELAY_S = 2.0  # the progress bar only appears for fits that run longer than this
 
 
@@ -125,6 +126,7 @@ class DTIModel:
         Voxels with mean b0 <= 0 are left out of the fit (their log-signal is undefined and DIPY returns
         absurd MD there); they get zeros, like voxels outside the mask, and ``DTIFit.mask`` is False there.
         A tqdm progress bar appears when the fit runs for more than a few seconds (``progress=False`` hides it).
+        Chunks of voxels are fitted on every usable core (numpy's linear algebra releases the GIL).
         """
         data = np.asarray(data)
         if data.ndim != 4 or data.shape[-1] != len(self.gtab):
@@ -138,12 +140,11 @@ class DTIModel:
         evecs = np.zeros(spatial + (3, 3), dtype=np.float32)
         s0 = np.zeros(spatial, dtype=np.float32)
         flat = data.reshape(-1, data.shape[-1])
-        starts = range(0, len(index), VOXELS_PER_CHUNK)
-        show = progress and len(starts) > 1
-        bar = tqdm(starts, desc="DTI fit", unit="chunk", delay=PROGRESS_DELAY_S, disable=not show)
-        for start in bar:
-            chunk = index[start : start + VOXELS_PER_CHUNK]
-            voxel_fit = self._model.fit(flat[chunk].astype(np.float64))
+        chunks = [index[start : start + VOXELS_PER_CHUNK] for start in range(0, len(index), VOXELS_PER_CHUNK)]
+        fits = thread_map(lambda chunk: self._model.fit(flat[chunk].astype(np.float64)), chunks)
+        show = progress and len(chunks) > 1
+        bar = tqdm(fits, total=len(chunks), desc="DTI fit", unit="chunk", delay=PROGRESS_DELAY_S, disable=not show)
+        for chunk, voxel_fit in zip(chunks, bar):
             coords = np.unravel_index(chunk, spatial)
             evals[coords] = voxel_fit.evals
             evecs[coords] = voxel_fit.evecs

@@ -10,10 +10,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .dti import mean_b0
 from .dwi import DWI
 from .gradients import DWIError, GradientTable
+from .parallel import thread_map, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,31 @@ class PreprocessError(DWIError):
 
 
 def brain_mask(dwi: DWI, median_radius: int = 4, numpass: int = 4) -> np.ndarray:
-    """DIPY ``median_otsu`` on the mean b0 (same settings as the shared data masks). -> (X, Y, Z) bool, True = brain."""
-    from dipy.segment.mask import median_otsu
+    """DIPY's ``median_otsu`` mask of the mean b0 (same settings as the shared data masks; no dilation, hole
+    filling or crop): ``numpass`` median filters of width 2 r + 1, then voxels above the Otsu threshold.
+    The filters run in slabs on every core, so this is several times faster than ``median_otsu``, with the
+    same result. -> (X, Y, Z) bool, True = brain."""
+    from dipy.segment.mask import otsu  # the threshold median_otsu uses (scikit-image's when installed)
 
-    _, mask = median_otsu(mean_b0(dwi.data, dwi.gtab), median_radius=median_radius, numpass=numpass)
-    return np.asarray(mask, dtype=bool)
+    filtered = mean_b0(dwi.data, dwi.gtab)
+    for _ in range(numpass):
+        filtered = median_filter(filtered, 2 * median_radius + 1)
+    return np.asarray(filtered > otsu(filtered), dtype=bool)
+
+
+def median_filter(volume: np.ndarray, size: int, workers: int | None = None) -> np.ndarray:
+    """``scipy.ndimage.median_filter(volume, size)`` (cube window, mirrored edges), computed in slabs along the
+    first axis on ``workers`` threads (default: the usable cores; scipy releases the GIL). Each slab reads
+    size // 2 extra planes on either side, so the result is identical to the single call."""
+    n, half = volume.shape[0], size // 2
+    edges = np.linspace(0, n, min(workers or usable_cores(), n) + 1).round().astype(int)
+
+    def slab(k: int) -> np.ndarray:
+        lo, hi = edges[k], edges[k + 1]
+        start, stop = max(lo - half, 0), min(hi + half, n)
+        return ndimage.median_filter(volume[start:stop], size)[lo - start : hi - start]
+
+    return np.concatenate(list(thread_map(slab, range(len(edges) - 1))))
 
 
 def normalize(

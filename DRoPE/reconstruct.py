@@ -265,6 +265,7 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
     visible = np.ones(prep.signal.shape, dtype=bool)
     attention = np.zeros((X, Y, Z), dtype=np.float32)
     diffusion = np.zeros((W, W), dtype=np.float64)
+    latent = None  # brain-weighted sum of the slabs' CLS vectors: scan_latent, from the attention-map pass
     weight_total = 0
     starts = range(0, Z, slab)
     for n, z0 in enumerate(starts):
@@ -283,13 +284,14 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
             maps = model.attention_maps(x, bvals, bvecs)
             attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
             diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
+            cls = maps["cls"][0] * brain
+            latent = cls if latent is None else latent + cls
         report(0.1 + 0.6 * (n + 1) / len(starts), f"slab {n + 1}/{len(starts)}")
     if weight_total == 0:
         raise ReconstructError("the brain mask is empty: nothing to reconstruct")
     if not extras:
         return pred, visible, None, None, None
-    latent = scan_latent(model, prep, slab, device).float().cpu().numpy()
-    return pred, visible, attention, diffusion / weight_total, latent
+    return pred, visible, attention, diffusion / weight_total, (latent / weight_total).float().cpu().numpy()
 
 
 def completed_dwi(prep: Preprocessed, dwi: DWI, mask: np.ndarray, pred: np.ndarray, visible: np.ndarray):

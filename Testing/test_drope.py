@@ -552,6 +552,15 @@ def test_compiled_path_failure_falls_back_once(monkeypatch, caplog):
     assert calls == [1] and sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_compiled_path_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(drope_mod, "_compiled", {})
+    monkeypatch.setenv("DROPE_COMPILE", "0")
+    assert drope_mod.compiled_table_attention() is None
+    monkeypatch.setattr(drope_mod, "_compiled", {})
+    monkeypatch.setenv("DROPE_COMPILE", "1")
+    assert drope_mod.compiled_table_attention() is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_cuda_matches_cpu(dtype, tol):

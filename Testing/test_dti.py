@@ -192,7 +192,7 @@ def test_whole_scan_median_fa_md_match_reference(shared_data, name):
 
 
 def test_chunked_fit_equals_one_dipy_call(siemens, monkeypatch):
-    """The chunked fit (small chunks here) is the plain DIPY TensorModel fit of the same voxels."""
+    """The chunked fit (small chunks here, on every core) is the plain DIPY TensorModel fit of the same voxels."""
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 

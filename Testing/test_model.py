@@ -328,6 +328,7 @@ def test_attention_maps():
     x, bvals, bvecs = data(2, 5)
     maps = model.attention_maps(x, bvals, bvecs)
     assert maps["spatial"].shape == (2, 5, P) and maps["diffusion"].shape == (2, 5, 5)
+    torch.testing.assert_close(maps["cls"], model.encode(x, bvals, bvecs))  # the latent of the same pass
     torch.testing.assert_close(maps["diffusion"].sum(-1), torch.ones(2, 5))
     assert torch.all(maps["spatial"] > 0) and torch.all(maps["spatial"].sum(-1) < 1)  # the rest is CLS -> CLS
     keep = diffusion_mask(2, 5, P, generator=torch.Generator().manual_seed(6))

@@ -17,6 +17,7 @@ from DRoPE.preprocess import (
     GridMapping,
     PreprocessError,
     brain_mask,
+    median_filter,
     normalize,
     preprocess,
     resample,
@@ -61,6 +62,27 @@ def test_brain_mask_matches_the_shared_mask(sample):
     assert mask.dtype == bool and mask.shape == dwi.shape
     dice = 2 * np.sum(mask & reference) / (mask.sum() + reference.sum())
     assert dice > 0.99, dice
+
+
+def test_brain_mask_is_dipy_median_otsu(sample):
+    """The slab-parallel filters give exactly DIPY's median_otsu mask (the reference implementation)."""
+    from dipy.segment.mask import median_otsu
+
+    from DRoPE.dti import mean_b0
+
+    dwi, _ = sample
+    _, reference = median_otsu(mean_b0(dwi.data, dwi.gtab), median_radius=4, numpass=4)
+    np.testing.assert_array_equal(brain_mask(dwi), reference)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("size", [1, 3, 9])
+def test_median_filter_in_slabs_equals_one_call(workers, size):
+    """Slabs (fewer planes than the window, more workers than planes, uneven splits) change nothing."""
+    volume = np.random.default_rng(workers + size).random((23, 11, 6)).astype(np.float32)
+    result = median_filter(volume, size, workers)
+    assert result.dtype == volume.dtype
+    np.testing.assert_array_equal(result, ndimage.median_filter(volume, size))
 
 
 @pytest.mark.filterwarnings("ignore::DRoPE.gradients.DWIWarning")

@@ -18,7 +18,9 @@ from DRoPE.cli import main as cli_main
 from DRoPE.io import load_dwi
 from DRoPE.model import DRoPEMAE
 from DRoPE.probes import LinearProbe, save_probe
-from DRoPE.reconstruct import ReconstructSettings, dti_maps, run_reconstruction, select_volumes
+from DRoPE.model import load_model
+from DRoPE.preprocess import preprocess
+from DRoPE.reconstruct import ReconstructSettings, dti_maps, run_reconstruction, scan_latent, select_volumes
 
 REPO = Path(__file__).resolve().parents[1]
 MAPS = ("fa", "md", "fa_recon", "md_recon", "fa_error", "md_error", "attention")
@@ -62,6 +64,15 @@ def test_nrrd_input_gives_the_same_latent_as_nifti(tiny_weights, sample_dir):
     # the NRRD gradients are normalised while the .bvec has norm 0.9995: the inputs differ by rounding only
     np.testing.assert_allclose(a.latent, b.latent, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(a.visible, b.visible)
+
+
+def test_latent_is_the_scan_latent_of_extract(tiny_weights, small_dwi):
+    """The reconstruction's latent (taken from the attention-map pass) is what ``probe.py extract`` computes."""
+    dwi = load_dwi(small_dwi)
+    result = run_reconstruction(dwi, tiny_weights, ReconstructSettings(slab=4))
+    model = load_model(tiny_weights)
+    prep = preprocess(dwi, mask=result.mask, patch=model.config.patch_size)
+    np.testing.assert_allclose(result.latent, scan_latent(model, prep, 4).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_result_and_mask_ratio_respected(tiny_weights, small_dwi):

@@ -39,7 +39,7 @@ costs O(T^2 N), against O(sequences T^2 E) for the attention). Three paths, same
 - CUDA and other accelerators, without attention maps: ``table_attention``, the same reduction in torch ops,
   compiled by ``torch.compile`` (Inductor fuses it into one reduction loop, a Triton kernel on CUDA; dynamic
   shapes, so one compilation serves every T and batch); then softmax and P v. Checked on CPU with Inductor's
-  C++ backend. If compilation fails the chunked path runs (said once in the log).
+  C++ backend. If compilation fails the chunked path runs (said once in the log); DROPE_COMPILE=0 chooses it.
 - otherwise (no C compiler, attention maps on accelerators, ``kernel=False``): the rotated keys R(a_ij) k_j of one
   block of sequences or query rows, about CHUNK_BYTES, are formed in one reused buffer, contracted with the queries
   by batched (1 x E) @ (E x T) products and overwritten by the next block; the backward recomputes them block by
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 
 import torch
@@ -279,10 +280,12 @@ _compiled: dict = {}
 
 def compiled_table_attention():
     """``table_attention`` compiled by torch.compile (dynamic shapes: one compilation serves every T and M), or
-    None after a compilation failed in this process (the chunked path runs then)."""
+    None after a compilation failed in this process or with DROPE_COMPILE=0 in the environment (the chunked path
+    runs then)."""
     with _compiled_lock:
         if "fn" not in _compiled:
-            _compiled["fn"] = torch.compile(table_attention, dynamic=True, fullgraph=True)
+            wanted = os.environ.get("DROPE_COMPILE", "1") != "0"
+            _compiled["fn"] = torch.compile(table_attention, dynamic=True, fullgraph=True) if wanted else None
         return _compiled["fn"]
 
 
@@ -290,7 +293,7 @@ def _call_compiled(fn, *args):
     """fn(*args), or None when compiling it fails here (said once; later calls skip it)."""
     try:
         return fn(*args)
-    except torch._dynamo.exc.BackendCompilerFailed as err:
+    except torch._dynamo.exc.TorchDynamoException as err:  # Inductor or Triton failures, unsupported graphs
         with _compiled_lock:
             _compiled["fn"] = None
         log.warning("D-RoPE: torch.compile failed (%s); using the portable chunked path (slower)", str(err)[:300])

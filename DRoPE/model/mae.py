@@ -25,7 +25,7 @@ from torch import nn
 
 from .drope import DEFAULT_BASE, drope_distance
 from .heads import ConvHead, CopyHead
-from .layers import DualBlock, TokenLayout, qspace_coordinates, sincos_3d, spatial_sequence
+from .layers import DualBlock, TokenLayout, qspace_coordinates, sincos_3d, spatial_sequence, split_spatial_sequence
 
 HEADS = ("conv", "copy")
 
@@ -449,12 +449,13 @@ class DRoPEMAE(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x, bvals, bvecs, keep=None) -> dict[str, torch.Tensor]:
-        """Attention of the last encoder block, averaged over heads.
+        """Attention of the last encoder block, averaged over heads, and the CLS latent of the same pass.
 
         Returns {"spatial": (B, V, P) CLS -> patch attention within each volume (0 for removed patches / volumes;
         a row sums to 1 minus the CLS -> CLS weight), "diffusion": (B, V, V) query volume -> key volume attention
         averaged over the patch positions where the query is visible (rows sum to 1; 0 rows / columns for volumes
-        not held)}. ``patch_map_to_voxels`` turns the spatial map into an overlay.
+        not held), "cls": (B, D) the latent (``encode`` when keep is None)}. ``patch_map_to_voxels`` turns the
+        spatial map into an overlay.
         """
         bvals, bvecs = self._check_inputs(x, bvals, bvecs)
         layout = self.layout_for(x, keep)
@@ -468,9 +469,11 @@ class DRoPEMAE(nn.Module):
         tokens = last.diffusion(tokens, layout=layout, distance=distance)
         seq = spatial_sequence(cls, tokens)
         _, w_spat = last.spatial.attn(last.spatial.norm1(seq), layout.spatial_key_mask, need_weights=True)
+        cls, _ = split_spatial_sequence(last.spatial(seq, key_mask=layout.spatial_key_mask), tokens.shape, layout)
         return {
             "spatial": self._spatial_map(w_spat, layout, x.shape[1]),
             "diffusion": self._diffusion_map(w_diff, layout, x.shape[1]),
+            "cls": self.norm(cls),
         }
 
     # --- helpers ---------------------------------------------------------------------------------------
