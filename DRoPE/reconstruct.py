@@ -282,7 +282,7 @@ def _run_slabs(model, prep, slab: int, settings: ReconstructSettings, device, re
             weight_total += brain
         if brain and extras:
             maps = model.attention_maps(x, bvals, bvecs)
-            attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).cpu().numpy()
+            attention[..., z0:z1] = patch_map_to_voxels(maps["spatial"], grid, patch)[0].mean(0).float().cpu().numpy()
             diffusion += brain * maps["diffusion"][0].double().cpu().numpy()
             cls = maps["cls"][0] * brain
             latent = cls if latent is None else latent + cls

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import crop_dwi
 from DRoPE.cli import main as cli_main
@@ -73,6 +74,18 @@ def test_latent_is_the_scan_latent_of_extract(tiny_weights, small_dwi):
     model = load_model(tiny_weights)
     prep = preprocess(dwi, mask=result.mask, patch=model.config.patch_size)
     np.testing.assert_allclose(result.latent, scan_latent(model, prep, 4).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_stays_close(tiny_weights, small_dwi):
+    """Under a caller's bf16 autocast (as on CUDA) reconstruct runs and its outputs stay near float32's."""
+    dwi = load_dwi(small_dwi)
+    plain = run_reconstruction(dwi, tiny_weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run_reconstruction(dwi, tiny_weights)
+    brain = plain.mask
+    assert np.abs(low.recon[brain] - plain.recon[brain]).max() < 0.05 * np.abs(plain.recon[brain]).max()
+    assert np.linalg.norm(low.latent - plain.latent) < 0.05 * np.linalg.norm(plain.latent)
+    np.testing.assert_allclose(low.attention, plain.attention, atol=0.05 * plain.attention.max())
 
 
 def test_same_seed_same_result_and_mask_ratio_respected(tiny_weights, small_dwi):
