@@ -517,7 +517,12 @@ def _core_inputs(G, M, T, E, dtype, gen):
     return q, k, v, d, angle.cos(), angle.sin()
 
 
-@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="Inductor's CPU backend needs C++")
+needs_cxx = pytest.mark.skipif(
+    not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="Inductor's CPU backend needs a C++ compiler"
+)
+
+
+@needs_cxx
 def test_compiled_table_attention_matches_naive():
     """The function torch.compile turns into a Triton kernel on CUDA, compiled here for CPU: output and q/k/v
     gradients equal the naive form for two protocols, a mask shared by H = 3 heads (M = 21 not a multiple of 16)
@@ -534,12 +539,14 @@ def test_compiled_table_attention_matches_naive():
         ref = drope_attention_naive(q, k, v, d, mask=naive_mask)
         assert rel_err(out, ref) < 1e-5
         grad_out = torch.randn(out.shape, generator=gen)
-        for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out)):
+        grads, grads_ref = (torch.autograd.grad(x, (q, k, v), grad_out) for x in (out, ref))
+        for g, g_ref in zip(grads, grads_ref):
             assert rel_err(g, g_ref) < 1e-5
 
 
 COMPILED_MEMORY_PROBE = r"""
-import math, os, resource, sys, torch
+import math, torch
+from DRoPE.bench import _maxrss_bytes, _rss_bytes
 from DRoPE.model import drope
 torch.set_num_threads(1)
 G, M, T, E = 1, 2000, 90, 128
@@ -550,15 +557,15 @@ def run(m):
     drope._call_compiled(compiled, q, k, v, cos, sin, None, 1 / math.sqrt(E)).backward(torch.randn(G, m, T, E))
 run(16)  # compiles
 inputs = [torch.randn(G, M, T, E, requires_grad=True) for _ in range(3)]
-base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = _rss_bytes()
 out = drope._call_compiled(compiled, *inputs, cos, sin, None, 1 / math.sqrt(E))
 out.backward(torch.randn_like(out))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+print(_maxrss_bytes() - base)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="Inductor's CPU backend needs C++")
+@needs_cxx
 def test_compiled_path_never_stores_the_pair_products():
     """Forward + backward of the compiled path at 2000 sequences, T = 90, E = 128 need far less than the
     (M, T, T, N) products (3.9 GiB) that autograd through the compiled forward stored (9.3 GB measured)."""

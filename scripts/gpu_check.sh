@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 3-5 minutes on one CUDA GPU): the D-RoPE attention benchmark on CUDA (T = 15, 90,
-# 288 rows; D-RoPE (the torch.compile path) against SDPA + 1-D RoPE), the CUDA tests, the bf16 autocast error, and a
-# whole-brain 90-volume reconstruct on CUDA, with its time and peak memory from summary.json. The 90-volume DWI is a noisy phantom (DRoPE.phantom: 2 b0 + 2 shells x 44 directions)
-# on the geometry and tensors of a real scan: the bundled sample (80x80x40, 3 mm), or the NIfTI DWI given as $2.
+# 288 rows; D-RoPE (the torch.compile path) against SDPA + 1-D RoPE), the CUDA tests, the bf16 autocast error, and
+# a whole-brain 90-volume reconstruct on CUDA, with its time and peak memory from summary.json. The 90-volume DWI is
+# a noisy phantom (DRoPE.phantom: 2 b0 + 2 shells x 44 directions) on the geometry and tensors of a real scan: the
+# bundled sample (80x80x40, 3 mm), or the NIfTI DWI given as $2.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR] [SCAN.nii.gz]   (PYTHON=... picks an interpreter with CUDA torch)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

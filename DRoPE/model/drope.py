@@ -41,7 +41,8 @@ costs O(T^2 N), against O(sequences T^2 E) for the attention). Three paths, same
   kernel on CUDA, so the (..., T, T, N) products are never stored; dynamic shapes, so one compilation serves every
   T and batch), with the probabilities P kept for the backward as plain attention does. A compiled forward and a
   compiled backward (not autograd through the compiled forward, whose backward graph stores the products: 9.3 GB
-  against 0.64 GB at 2000 sequences, T = 90, E = 128). Checked on CPU with Inductor's C++ backend. If compilation fails the chunked path runs (said once in the log); DROPE_COMPILE=0 chooses it.
+  against 0.64 GB at 2000 sequences, T = 90, E = 128). Checked on CPU with Inductor's C++ backend. If
+  compilation fails the chunked path runs (said once in the log); DROPE_COMPILE=0 chooses it.
 - otherwise (no C compiler, attention maps on accelerators, ``kernel=False``): the rotated keys R(a_ij) k_j of one
   block of sequences or query rows, about CHUNK_BYTES, are formed in one reused buffer, contracted with the queries
   by batched (1 x E) @ (E x T) products and overwritten by the next block; the backward recomputes them block by
@@ -267,9 +268,7 @@ def table_forward(q, k, v, cos, sin, mask, scale: float):
     kernel on CUDA), so the (G, M, Ti, Tj, N) broadcast below is never stored; run eagerly it is.
     """
     G, M, T, E = q.shape
-    q0, q1 = q[..., None, 0::2], q[..., None, 1::2]  # (G, M, Ti, 1, N)
-    k0, k1 = k[..., None, :, 0::2], k[..., None, :, 1::2]  # (G, M, 1, Tj, N)
-    cos, sin = cos[:, None], sin[:, None]  # (G, 1, Ti, Tj, N)
+    q0, q1, k0, k1, cos, sin = _pair_views(q, k, cos, sin)
     scores = (cos * (q0 * k0 + q1 * k1) + sin * (q1 * k0 - q0 * k1)).sum(-1) * scale  # (G, M, Ti, Tj)
     if mask is not None:
         Mm = mask.shape[1]
@@ -288,12 +287,18 @@ def table_backward(q, k, v, cos, sin, weights, out, grad_out, scale: float):
     dv = weights.transpose(-1, -2) @ grad_out
     ds = weights * (grad_out @ v.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
     ds = (ds * scale)[..., None]  # (G, M, Ti, Tj, 1)
-    q0, q1 = q[..., None, 0::2], q[..., None, 1::2]  # (G, M, Ti, 1, N)
-    k0, k1 = k[..., None, :, 0::2], k[..., None, :, 1::2]  # (G, M, 1, Tj, N)
-    cos, sin = cos[:, None], sin[:, None]  # (G, 1, Ti, Tj, N)
+    q0, q1, k0, k1, cos, sin = _pair_views(q, k, cos, sin)
     dq0, dq1 = (ds * (cos * k0 - sin * k1)).sum(-2), (ds * (cos * k1 + sin * k0)).sum(-2)  # (G, M, Ti, N)
     dk0, dk1 = (ds * (cos * q0 + sin * q1)).sum(-3), (ds * (cos * q1 - sin * q0)).sum(-3)  # (G, M, Tj, N)
     return torch.stack((dq0, dq1), -1).flatten(-2), torch.stack((dk0, dk1), -1).flatten(-2), dv
+
+
+def _pair_views(q, k, cos, sin):
+    """Broadcastable views for the pair sums: q0, q1 (G, M, Ti, 1, N) = the even / odd channels of q, k0, k1
+    (G, M, 1, Tj, N) those of k, cos, sin (G, 1, Ti, Tj, N)."""
+    q0, q1 = q[..., None, 0::2], q[..., None, 1::2]
+    k0, k1 = k[..., None, :, 0::2], k[..., None, :, 1::2]
+    return q0, q1, k0, k1, cos[:, None], sin[:, None]
 
 
 class _CompiledAttention(torch.autograd.Function):

@@ -41,10 +41,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from ..parallel import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -452,11 +453,7 @@ def _run(fn, *args, blocks: int) -> None:
     """Call fn(*args, b0, b1) over lane blocks, split across torch's intra-op thread count (ctypes drops the GIL)."""
     workers = max(1, min(torch.get_num_threads(), blocks))
     edges = [blocks * w // workers for w in range(workers + 1)]
-    if workers == 1:
-        codes = [fn(*args, 0, blocks)]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            codes = list(pool.map(lambda w: fn(*args, edges[w], edges[w + 1]), range(workers)))
+    codes = list(thread_map(lambda w: fn(*args, edges[w], edges[w + 1]), range(workers), workers))
     if any(codes):
         raise MemoryError("D-RoPE kernel could not allocate its work buffers")
 
